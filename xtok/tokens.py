@@ -1,0 +1,604 @@
+"""Tokenizers and their canonical token bytes.
+
+This module owns one thing: for any tokenizer a user can name (a Hugging Face `tokenizer.json`
+file or folder, a SentencePiece `.model`, a mistral-common Tekken `.json`, or a hub id), a
+uniform `Tokenizer` object that encodes/decodes text and knows, for every token id, the exact
+raw bytes that token stands for (`TokenBytes`). Everything downstream (alignment, projection,
+extraction, collation) works on those bytes, never on tokenizer-specific token strings.
+
+Byte conventions handled here:
+- byte-level BPE (GPT-2 / Llama-3 / Qwen / DeepSeek): token strings use the GPT-2 byte->unicode map;
+- SentencePiece / metaspace (Llama-2 / Mistral / Gemma): `▁` is a space, `<0xNN>` pieces are raw bytes
+  (byte fallback; several of them may form one UTF-8 character);
+- WordPiece (BERT): `##x` continues a word (bytes `x`), any other piece starts a word (bytes ` x`);
+- Tekken: the vocabulary stores raw bytes directly.
+Special / control tokens are flagged `is_special` and have no bytes.
+
+`Tokenizer.prefix_space` says whether encoding a text adds a leading space (SentencePiece's dummy
+prefix, WordPiece's word-start convention): concatenating the token bytes of `encode(text)` gives
+`text` (for tokenizers that do not normalise) with one extra leading space exactly when it is True.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import lzma
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "TokenBytes",
+    "Tokenizer",
+    "TokenizerLoadError",
+    "load_tokenizer",
+    "bytes_to_unicode",
+]
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer spec that nothing could load; the message names the path and the fix."""
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable unicode character map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Token id -> raw bytes, as one flat buffer (numba-friendly).
+
+    data:       uint8 [total]   all tokens' bytes concatenated
+    offsets:    int64 [V + 1]   token i's bytes are data[offsets[i]:offsets[i+1]]
+    is_special: bool  [V]       control/special tokens (no bytes; never aligned as text)
+    word_start: bool  [V]       the token's bytes begin with a space (starts a new word)
+    """
+
+    data: np.ndarray
+    offsets: np.ndarray
+    is_special: np.ndarray
+    word_start: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def get(self, token_id: int) -> bytes:
+        return self.data[self.offsets[token_id] : self.offsets[token_id + 1]].tobytes()
+
+    def concat(self, ids: Sequence[int] | np.ndarray) -> bytes:
+        """Bytes of a token sequence (special tokens contribute nothing). Vectorised."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return b""
+        starts = self.offsets[ids]
+        lens = self.offsets[ids + 1] - starts
+        total = int(lens.sum())
+        if total == 0:
+            return b""
+        # index of every output byte: start of its token + position inside it
+        rep_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
+        idx = rep_starts + np.arange(total)
+        return self.data[idx].tobytes()
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.offsets.astype("<i8").tobytes())
+        h.update(self.data.tobytes())
+        h.update(self.is_special.astype(np.uint8).tobytes())
+        return h.hexdigest()
+
+    @classmethod
+    def from_list(cls, pieces: Sequence[bytes | None]) -> "TokenBytes":
+        """Build from a per-id list of bytes (None = special token)."""
+        lens = np.fromiter((0 if p is None else len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        data = np.frombuffer(b"".join(p for p in pieces if p), dtype=np.uint8).copy()
+        is_special = np.fromiter((p is None for p in pieces), dtype=bool, count=len(pieces))
+        first = np.zeros(len(pieces), dtype=np.int16) - 1
+        nz = lens > 0
+        first[nz] = data[offsets[:-1][nz]]
+        word_start = first == 0x20
+        return cls(data=data, offsets=offsets, is_special=is_special, word_start=word_start)
+
+
+# --------------------------------------------------------------------------------------------
+# The uniform tokenizer object
+# --------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A loaded tokenizer with canonical token bytes. Picklable (for DataLoader workers).
+
+    Attributes: name, kind ('byte_level' | 'sentencepiece' | 'wordpiece' | 'tekken' | 'raw'),
+    vocab_size, prefix_space, bos_id/eos_id/pad_id/unk_id (int or None), chat_template (str or None),
+    content_hash (sha256 of the token-bytes table and special flags: two files describing the same
+    vocabulary share it).
+    """
+
+    def __init__(self, backend, *, name: str, kind: str, pieces: list[bytes | None], prefix_space: bool,
+                 special_tokens: dict[str, int], chat_template: str | None, bos_id=None, eos_id=None,
+                 pad_id=None, unk_id=None, source: str = ""):
+        self._backend = backend
+        self.name = name
+        self.kind = kind
+        self.source = source
+        self.token_bytes = TokenBytes.from_list(pieces)
+        self.vocab_size = self.token_bytes.vocab_size
+        self.prefix_space = prefix_space
+        self.special_tokens = dict(special_tokens)  # text -> id, parsed out of text by encode()
+        self.chat_template = chat_template
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.content_hash = self.token_bytes.sha256()
+        self._special_re = (
+            re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+            if self.special_tokens else None
+        )
+
+    def __repr__(self):
+        return f"Tokenizer({self.name!r}, kind={self.kind}, vocab={self.vocab_size})"
+
+    # -- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = False, parse_special: bool = True) -> np.ndarray:
+        """Token ids (int64) of `text`. With parse_special, special-token strings in the text
+        (e.g. `<s>`, `[INST]`, `<|im_start|>`) become their ids, as chat templates need."""
+        return np.asarray(self._backend.encode(text, add_special_tokens, parse_special, self), dtype=np.int64)
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[np.ndarray]:
+        return [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._backend.decode([int(i) for i in ids])
+
+    def decode_bytes(self, ids) -> bytes:
+        """Concatenated canonical bytes of `ids` (special tokens contribute nothing)."""
+        return self.token_bytes.concat(ids)
+
+    def token_str(self, token_id: int) -> str:
+        """A readable rendering of one token (for CLIs): its text, or `<special>`."""
+        if self.token_bytes.is_special[token_id]:
+            return self._backend.id_to_text(token_id)
+        return self.token_bytes.get(token_id).decode("utf-8", errors="backslashreplace")
+
+    def id_of(self, token_text: str) -> int | None:
+        return self.special_tokens.get(token_text)
+
+    # -- helpers used by the backends ----------------------------------------------------
+    def _split_special(self, text: str):
+        """Yield (is_special, piece) parts of text, special-token strings split out."""
+        if self._special_re is None:
+            yield False, text
+            return
+        for part in self._special_re.split(text):
+            if not part:
+                continue
+            yield (part in self.special_tokens), part
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+class _HFBackend:
+    """tokenizers.Tokenizer (tokenizer.json)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens, parse_special, owner):
+        if parse_special:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode each non-special run separately so literal "<s>" in user text stays text
+        return self.tok.encode(text, add_special_tokens=add_special_tokens, is_pretokenized=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def id_to_text(self, i):
+        return self.tok.id_to_token(i) or f"<{i}>"
+
+
+class _SPMBackend:
+    """sentencepiece.SentencePieceProcessor (.model files). Pickles by its serialized proto."""
+
+    def __init__(self, proto: bytes):
+        self._proto = proto
+        self._sp = None
+
+    @property
+    def sp(self):
+        if self._sp is None:
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor()
+            self._sp.LoadFromSerializedProto(self._proto)
+        return self._sp
+
+    def __getstate__(self):
+        return {"_proto": self._proto, "_sp": None}
+
+    def encode(self, text, add_special_tokens, parse_special, owner):
+        out: list[int] = []
+        if add_special_tokens and owner.bos_id is not None:
+            out.append(owner.bos_id)
+        parts = owner._split_special(text) if parse_special else [(False, text)]
+        for is_sp, part in parts:
+            if is_sp:
+                out.append(owner.special_tokens[part])
+            else:
+                out.extend(self.sp.EncodeAsIds(part))
+        return out
+
+    def decode(self, ids):
+        return self.sp.DecodeIds(ids)
+
+    def id_to_text(self, i):
+        return self.sp.IdToPiece(i)
+
+
+class _TekkenBackend:
+    """mistral-common Tekken vocabulary (tiktoken-style byte BPE, ids = n_special + rank)."""
+
+    def __init__(self, pattern: str, ranks: list[bytes], n_special: int, special_names: list[str]):
+        self.pattern, self.ranks, self.n_special, self.special_names = pattern, ranks, n_special, special_names
+        self._enc = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_enc"] = None
+        return d
+
+    @property
+    def enc(self):
+        if self._enc is None:
+            import tiktoken
+
+            self._enc = tiktoken.Encoding(
+                name="tekken", pat_str=self.pattern,
+                mergeable_ranks={b: r for r, b in enumerate(self.ranks)}, special_tokens={},
+            )
+        return self._enc
+
+    def encode(self, text, add_special_tokens, parse_special, owner):
+        out: list[int] = []
+        if add_special_tokens and owner.bos_id is not None:
+            out.append(owner.bos_id)
+        parts = owner._split_special(text) if parse_special else [(False, text)]
+        for is_sp, part in parts:
+            if is_sp:
+                out.append(owner.special_tokens[part])
+            else:
+                out.extend(r + self.n_special for r in self.enc.encode_ordinary(part))
+        return out
+
+    def decode(self, ids):
+        b = b"".join(self.ranks[i - self.n_special] for i in ids if i >= self.n_special)
+        return b.decode("utf-8", errors="replace")
+
+    def id_to_text(self, i):
+        return self.special_names[i] if i < self.n_special else self.ranks[i - self.n_special].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _decoder_types(dec) -> list[str]:
+    if not dec:
+        return []
+    if dec.get("type") == "Sequence":
+        return [t for d in dec.get("decoders", []) for t in _decoder_types(d)]
+    return [dec.get("type")]
+
+
+def _json_has(obj, key_type: str) -> bool:
+    """Whether any nested component of a tokenizer.json section has type key_type."""
+    if isinstance(obj, dict):
+        if obj.get("type") == key_type:
+            return True
+        return any(_json_has(v, key_type) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_json_has(v, key_type) for v in obj)
+    return False
+
+
+def _hf_pieces(spec: dict, tok) -> tuple[str, list[bytes | None], bool]:
+    """Per-id canonical bytes for a tokenizer.json; returns (kind, pieces, prefix_space)."""
+    model = spec["model"]
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    id_to_tok: list[str | None] = [None] * vocab_size
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        for t, i in vocab.items():
+            if i < vocab_size:
+                id_to_tok[i] = t
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        for i, (t, _s) in enumerate(vocab):
+            id_to_tok[i] = t
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    dec_types = _decoder_types(spec.get("decoder"))
+    if "ByteLevel" in dec_types or _json_has(spec.get("pre_tokenizer"), "ByteLevel"):
+        kind = "byte_level"
+    elif model.get("type") == "WordPiece" or "WordPiece" in dec_types:
+        kind = "wordpiece"
+    elif "Metaspace" in dec_types or "Replace" in dec_types or _json_has(spec.get("pre_tokenizer"), "Metaspace"):
+        kind = "sentencepiece"
+    else:
+        kind = "raw"
+
+    u2b = _unicode_to_byte()
+    prefix = model.get("continuing_subword_prefix") or "##"
+    pieces: list[bytes | None] = []
+    for i in range(vocab_size):
+        a = added.get(i)
+        t = id_to_tok[i]
+        if a is not None:
+            if a.get("special", False):
+                pieces.append(None)
+                continue
+            pieces.append(a["content"].encode("utf-8"))  # added tokens are literal text
+            continue
+        if t is None:
+            t = tok.id_to_token(i)
+        if t is None:
+            pieces.append(None)
+            continue
+        if kind == "byte_level":
+            try:
+                pieces.append(bytes(u2b[c] for c in t))
+            except KeyError:  # not a byte-mapped string (rare added pieces)
+                pieces.append(t.encode("utf-8"))
+        elif kind == "sentencepiece":
+            m = _BYTE_PIECE.match(t)
+            pieces.append(bytes([int(m.group(1), 16)]) if m else t.replace("\u2581", " ").encode("utf-8"))
+        elif kind == "wordpiece":
+            if t.startswith(prefix):
+                pieces.append(t[len(prefix):].encode("utf-8"))
+            elif t.startswith("[") and t.endswith("]") and t.isupper():
+                pieces.append(None)  # [UNK]-style markers
+            else:
+                pieces.append(b" " + t.encode("utf-8"))
+        else:
+            pieces.append(t.encode("utf-8"))
+    # prefix space: whatever the tokenizer does with a word at text start
+    probe = tok.encode("a", add_special_tokens=False).ids
+    b = b"".join(pieces[i] or b"" for i in probe)
+    prefix_space = b.startswith(b" ") and b.strip() == b"a"
+    if model.get("unk_token") is not None and model.get("type") == "Unigram":
+        pass
+    return kind, pieces, prefix_space
+
+
+def _read_json(path: Path) -> dict:
+    if path.suffix == ".xz":
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_hf_json(path: Path, config_dir: Path | None) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTok
+
+    spec = _read_json(path)
+    tok = HFTok.from_str(json.dumps(spec))
+    cfg = {}
+    if config_dir is not None and (config_dir / "tokenizer_config.json").exists():
+        cfg = json.loads((config_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    kind, pieces, prefix_space = _hf_pieces(spec, tok)
+    added_special = {a["content"]: a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+
+    def tok_of(key):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if v is None:
+            return None
+        return tok.token_to_id(v)
+
+    bos, eos, pad, unk = (tok_of(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
+    chat = cfg.get("chat_template")
+    if isinstance(chat, list):  # named templates
+        chat = next((c["template"] for c in chat if c.get("name") == "default"), chat[0]["template"])
+    if chat is None and config_dir is not None and (config_dir / "chat_template.jinja").exists():
+        chat = (config_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    name = config_dir.name if config_dir is not None else path.name
+    return Tokenizer(_HFBackend(tok), name=name, kind=kind, pieces=pieces, prefix_space=prefix_space,
+                     special_tokens=added_special, chat_template=chat, bos_id=bos, eos_id=eos, pad_id=pad,
+                     unk_id=unk, source=str(path))
+
+
+def _load_spm(path: Path) -> Tokenizer:
+    import sentencepiece as spm
+
+    proto = path.read_bytes()
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(proto)
+    except Exception as e:  # noqa: BLE001
+        raise TokenizerLoadError(f"{path}: not a SentencePiece model ({e}).") from e
+    pieces: list[bytes | None] = []
+    specials: dict[str, int] = {}
+    for i in range(sp.GetPieceSize()):
+        p = sp.IdToPiece(i)
+        if sp.IsControl(i) or sp.IsUnknown(i):
+            pieces.append(None)
+            specials[p] = i
+        elif sp.IsByte(i):
+            pieces.append(bytes([int(_BYTE_PIECE.match(p).group(1), 16)]))
+        else:
+            pieces.append(p.replace("\u2581", " ").encode("utf-8"))
+    probe = sp.EncodeAsIds("a")
+    prefix_space = b"".join(pieces[i] or b"" for i in probe).startswith(b" ")
+    # SentencePiece user-defined / control symbols that look like "[INST]" should parse as specials
+    specials = {k: v for k, v in specials.items() if k not in ("<unk>",)}
+    ids = lambda i: i if i >= 0 else None  # noqa: E731
+    return Tokenizer(_SPMBackend(proto), name=path.name, kind="sentencepiece", pieces=pieces,
+                     prefix_space=prefix_space, special_tokens=specials, chat_template=None,
+                     bos_id=ids(sp.bos_id()), eos_id=ids(sp.eos_id()), pad_id=ids(sp.pad_id()),
+                     unk_id=ids(sp.unk_id()), source=str(path))
+
+
+_TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[TOOL_CONTENT]"]
+
+
+def _load_tekken(path: Path, spec: dict) -> Tokenizer:
+    cfg = spec["config"]
+    n_special = int(cfg.get("default_num_special_tokens", 1000))
+    vocab_size = int(cfg.get("default_vocab_size", n_special + len(spec["vocab"])))
+    n_ranks = vocab_size - n_special
+    ranks = [base64.b64decode(v["token_bytes"]) for v in spec["vocab"][:n_ranks]]
+    names = [s["token_str"] for s in spec.get("special_tokens", [])] or list(_TEKKEN_SPECIALS)
+    names = names + [f"<SPECIAL_{i}>" for i in range(len(names), n_special)]
+    pieces: list[bytes | None] = [None] * n_special + ranks
+    specials = {n: i for i, n in enumerate(names) if not n.startswith("<SPECIAL_")}
+    return Tokenizer(_TekkenBackend(cfg["pattern"], ranks, n_special, names), name=path.name, kind="tekken",
+                     pieces=pieces, prefix_space=False, special_tokens=specials, chat_template=None,
+                     bos_id=specials.get("<s>"), eos_id=specials.get("</s>"), pad_id=specials.get("<pad>"),
+                     unk_id=specials.get("<unk>"), source=str(path))
+
+
+def mistral_common_data_dir() -> Path | None:
+    """Folder of real tokenizers shipped by the `mistral-common` package (or None)."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("mistral_common")
+    except Exception:  # noqa: BLE001
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return d if d.is_dir() else None
+
+
+def builtin_tokenizer_path(name: str) -> Path | None:
+    """`mistral-common:<file>` names one of the tokenizers mistral-common ships."""
+    if not name.startswith("mistral-common:"):
+        return None
+    d = mistral_common_data_dir()
+    if d is None:
+        raise TokenizerLoadError(f"{name}: the `mistral-common` package is not installed (pip install mistral-common).")
+    p = d / name.split(":", 1)[1]
+    if not p.exists():
+        avail = ", ".join(sorted(x.name for x in d.iterdir() if not x.name.startswith("_")))
+        raise TokenizerLoadError(f"{name}: no such file in {d}. Available: {avail}")
+    return p
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(spec: str) -> Tokenizer:
+    return _load_uncached(spec)
+
+
+def load_tokenizer(spec: "str | os.PathLike | Tokenizer", *, cache: bool = True) -> Tokenizer:
+    """Load a tokenizer from a local folder/file, a `mistral-common:<file>` name, or a hub id.
+
+    Accepted: a folder with tokenizer.json (+ tokenizer_config.json for specials/chat template) or
+    tokenizer.model; a tokenizer.json (or .json.xz); a SentencePiece .model (also mistral's
+    `.model.v1/.v3`); a Tekken .json; `mistral-common:tekken_240911.json`; a hub id (needs network
+    or the HF cache). Raises TokenizerLoadError naming the path and what to do when nothing loads.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    spec = str(spec)
+    return _load_cached(spec) if cache else _load_uncached(spec)
+
+
+def _load_uncached(spec: str) -> Tokenizer:
+    p = builtin_tokenizer_path(spec) or Path(spec).expanduser()
+    if p.is_dir():
+        for cand in ("tokenizer.json", "tokenizer.json.xz"):
+            if (p / cand).exists():
+                return _load_hf_json(p / cand, p)
+        for cand in sorted(p.glob("*.model*")) + sorted(p.glob("tekken*.json")):
+            return _load_file(cand)
+        raise TokenizerLoadError(
+            f"{p}: folder has no tokenizer.json, tokenizer.model or tekken*.json. "
+            "Point --teacher/--student at a tokenizer folder or file.")
+    if p.is_file():
+        return _load_file(p)
+    if spec.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise TokenizerLoadError(f"{spec}: no such file or folder (and not a hub id like 'org/name').")
+    return _load_hub(spec)
+
+
+def _load_file(p: Path) -> Tokenizer:
+    name = p.name
+    if name.endswith((".json", ".json.xz")):
+        try:
+            spec = _read_json(p)
+        except (json.JSONDecodeError, UnicodeDecodeError, lzma.LZMAError) as e:
+            raise TokenizerLoadError(f"{p}: not valid JSON ({e}); expected a tokenizer.json or Tekken .json.") from e
+        if isinstance(spec, dict) and "config" in spec and "vocab" in spec and isinstance(spec["vocab"], list):
+            return _load_tekken(p, spec)
+        if isinstance(spec, dict) and "model" in spec:
+            cfg_dir = p.parent if (p.parent / "tokenizer_config.json").exists() else None
+            try:
+                t = _load_hf_json(p, cfg_dir)
+            except TokenizerLoadError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise TokenizerLoadError(f"{p}: the tokenizers library could not load it ({e}).") from e
+            if cfg_dir is None:
+                t.name = p.name
+            return t
+        raise TokenizerLoadError(f"{p}: JSON without a 'model' (tokenizer.json) or 'config'+'vocab' (Tekken) section.")
+    if ".model" in name or name.endswith(".spm"):
+        return _load_spm(p)
+    raise TokenizerLoadError(
+        f"{p}: unknown tokenizer file type; expected tokenizer.json, a SentencePiece .model or a Tekken .json.")
+
+
+def _load_hub(spec: str) -> Tokenizer:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # pragma: no cover
+        raise TokenizerLoadError(f"{spec}: not a local path and huggingface_hub is missing.") from e
+    try:
+        path = Path(hf_hub_download(spec, "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001
+        raise TokenizerLoadError(
+            f"{spec}: not a local file/folder, and the hub copy could not be fetched ({type(e).__name__}). "
+            "Pass a local tokenizer folder/file, or download it first with network access.") from e
+    try:
+        hf_hub_download(spec, "tokenizer_config.json")
+    except Exception:  # noqa: BLE001
+        pass
+    t = _load_hf_json(path, path.parent)
+    t.name = spec
+    return t
