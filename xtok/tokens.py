@@ -173,6 +173,42 @@ class Tokenizer:
         (e.g. `<s>`, `[INST]`, `<|im_start|>`) become their ids, as chat templates need."""
         return np.asarray(self._backend.encode(text, add_special_tokens, parse_special, self), dtype=np.int64)
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of `text` (special-token strings parsed) and each token's byte span
+        `[start, end)` in `text.encode('utf-8')` as an int64 [n, 2] array.
+
+        Special tokens span their own text; a SentencePiece dummy-prefix space that is not in the
+        text is not counted. Tokenizers that normalise (lower-casing, NFKC) get the spans their
+        backend reports (Hugging Face offsets); others get exact cumulative byte lengths.
+        """
+        if isinstance(self._backend, _HFBackend):
+            enc = self._backend.tok.encode(text, add_special_tokens=False)
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            char_off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            c2b = np.zeros(len(text) + 1, dtype=np.int64)
+            if text:
+                c2b[1:] = np.cumsum([len(c.encode("utf-8")) for c in text])
+            return ids, c2b[char_off]
+        all_ids, all_off = [], []
+        pos = 0
+        for is_sp, part in self._split_special(text):
+            nbytes = len(part.encode("utf-8"))
+            if is_sp:
+                all_ids.append(np.array([self.special_tokens[part]], dtype=np.int64))
+                all_off.append(np.array([[pos, pos + nbytes]], dtype=np.int64))
+            else:
+                ids = np.asarray(self._backend.encode(part, False, False, self), dtype=np.int64)
+                lens = self.token_bytes.lengths[ids].copy()
+                if self.prefix_space and lens.size and not part.startswith(" ") and self.token_bytes.word_start[ids[0]]:
+                    lens[0] -= 1  # dummy-prefix space is not in the text
+                ends = pos + np.cumsum(lens)
+                all_ids.append(ids)
+                all_off.append(np.stack([ends - lens, ends], axis=1) if lens.size else np.zeros((0, 2), np.int64))
+            pos += nbytes
+        if not all_ids:
+            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        return np.concatenate(all_ids), np.concatenate(all_off)
+
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[np.ndarray]:
         return [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
