@@ -3,13 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_WHEEL ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 $(BIN)/.xtok-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, CPU build: the local wheel when pip finds it, else the CPU index.
-	$(BIN)/python -m pip install -q "$(TORCH_WHEEL)" || $(BIN)/python -m pip install -q "$(TORCH_WHEEL)" --index-url $(TORCH_INDEX)
+	# torch first, pinned: pip takes the local CPU wheel (find-links); override with TORCH_WHEEL=...
+	$(BIN)/python -m pip install -q "$(TORCH_WHEEL)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
