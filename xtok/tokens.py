@@ -185,10 +185,27 @@ class Tokenizer:
             enc = self._backend.tok.encode(text, add_special_tokens=False)
             ids = np.asarray(enc.ids, dtype=np.int64)
             char_off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            text_b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
             c2b = np.zeros(len(text) + 1, dtype=np.int64)
-            if text:
-                c2b[1:] = np.cumsum([len(c.encode("utf-8")) for c in text])
-            return ids, c2b[char_off]
+            if text:  # byte offset of every char boundary: count the non-continuation bytes
+                starts = np.nonzero((text_b & 0xC0) != 0x80)[0]
+                c2b[:-1] = starts
+                c2b[-1] = len(text_b)
+            off = c2b[char_off]
+            # exact byte spans when the token bytes reproduce the text (no normalisation):
+            # HF offsets are char-granular, so a token holding part of a UTF-8 char needs this
+            lens = self.token_bytes.lengths[ids].copy()
+            sp = self.token_bytes.is_special[ids]
+            lens[sp] = off[sp, 1] - off[sp, 0]
+            if ids.size and lens.sum() == len(text_b):
+                ends = np.cumsum(lens)
+                exact = np.stack([ends - lens, ends], axis=1)
+                keep = np.ones(len(text_b), dtype=bool)
+                for s, e in exact[sp]:
+                    keep[s:e] = False
+                if np.array_equal(text_b[keep], np.frombuffer(self.token_bytes.concat(ids), dtype=np.uint8)):
+                    return ids, exact
+            return ids, off
         all_ids, all_off = [], []
         pos = 0
         for is_sp, part in self._split_special(text):
