@@ -1,0 +1,10 @@
+"""One-time projection-matrix tools, off the training import path (`xtok` never imports this package at
+training time; only the `xtok build-projection` command does).
+
+- `build`:   build W and the decompositions for a tokenizer pair (`build_projection`)
+- `exact`:   re-apply the exact byte-match map to an (edited) matrix (`apply_exact`)
+- `cut`:     sort-and-cut: top-k per row, minimum weight, renormalise (`cut`)
+- `inspect`: stats, coverage and sample rows rendered as text (`inspect_matrix`)
+
+Each runs on its own: `python -m projection_tools.<name> --help`.
+"""
