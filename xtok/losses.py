@@ -1,0 +1,544 @@
+"""Cross-tokenizer distillation losses (docs/losses.md has the maths, with the names used here).
+
+Every loss reads the student only at the output positions that carry a target and processes those
+rows in chunks, through one custom autograd Function (`_RowLossFunction`):
+
+* from logits `[B,T,V]`: a chunk of rows is gathered, cast to fp32 and evaluated; backward recomputes
+  the chunk and writes its gradient into the (unavoidable) gradient of the logits. No second full
+  `[B,T,V]` fp32 tensor is made (no full `log_softmax`, no fp32 copy of bf16 logits).
+* fused, from `(hidden [B,T,H], lm_head_weight [V,H])`: each chunk's logits are `hidden[rows] @ W.T`,
+  used and dropped; backward recomputes them and accumulates `grad_hidden` and `grad_W` chunk by chunk,
+  so the full logits never exist.
+
+Components (per row):
+* `partition_logprobs` / `partition_divergence`: the student's log-probs of the target ids plus one
+  tail bucket (its mass outside the target ids), against the teacher's projected probs `q` plus its
+  tail mass `r`: forward KL, reverse KL or JSD(beta) over those K+1 cells. A true divergence whose
+  minimiser is the teacher; never "teacher renormalised over top-k vs. a full-vocab student".
+* token log-probs `log softmax(z)[token]` for the SFT cross-entropy and the chunk likelihoods.
+
+The public losses (`CrossTokenizerKLLoss`, `ChunkLikelihoodLoss`, `SFTLoss`) build row items from the
+collator's batch (docs/architecture.md, "collate -> losses") and reduce; `MultiTeacherLossAggregator`
+evaluates all components of all teachers in a single pass over the rows. No module or global state;
+everything is computed in fp32 (fp64 when given fp64) with autocast disabled inside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+KL_VARIANTS = ("forward", "reverse", "jsd")
+CHUNK_VARIANTS = ("forward", "reverse")
+_NEG = -1e30  # stands for log(0) inside logsumexp: finite, so gradients stay finite
+
+
+# ------------------------------------------------------------------------------------------------
+# per-row maths (pure torch, differentiable, run in the compute dtype)
+# ------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def partition_logprobs(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, tau: float = 1.0):
+    """Student log-probs over the partition (target ids, tail bucket).
+
+    z [n,V] logits, ids [n,K] long, valid [n,K] bool (ids must be distinct among valid entries).
+    Returns (log_s [n,K] = log softmax(z/tau)[ids], log_u [n] = log of the student mass outside the valid
+    ids), with log_u computed as logsumexp over the complement (exact, no 1 - sum cancellation).
+    """
+    zt = z / tau if tau != 1.0 else z
+    lse = torch.logsumexp(zt, dim=-1)
+    log_s = zt.gather(1, ids) - lse[:, None]
+    inset = torch.zeros(zt.shape, dtype=torch.bool, device=zt.device)
+    r_idx, k_idx = valid.nonzero(as_tuple=True)
+    inset[r_idx, ids[r_idx, k_idx]] = True
+    log_u = torch.logsumexp(zt.masked_fill(inset, _NEG), dim=-1) - lse
+    return log_s, log_u
+
+
+def partition_divergence(log_s, log_u, q, r, valid, variant: str = "forward", beta: float = 0.5,
+                         eps: float = 1e-8):
+    """Divergence per row over the K+1 cells (valid target ids + the tail bucket).
+
+    log_s [n,K], log_u [n]: student; q [n,K], r [n]: teacher probs and tail mass, normalised here over
+    the cells (q_k / Z, r / Z with Z = sum q + r, = 1 up to storage rounding).
+      forward: KL(q || s) = sum_c q_c (log q_c - log s_c)
+      reverse: KL(s || q~) = sum_c s_c (log s_c - log q~_c), q~ = max(q, eps) renormalised
+      jsd:     beta KL(q || m) + (1 - beta) KL(s || m), m = beta q + (1 - beta) s
+    """
+    dt = log_s.dtype
+    vmask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    ls = torch.cat([log_s, log_u[:, None]], dim=1)
+    qq = torch.cat([torch.where(valid, q.to(dt), 0.0), r.to(dt).clamp_min(0.0)[:, None]], dim=1)
+    qq = qq.clamp_min(0.0)
+    qq = qq / qq.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
+    if variant == "forward":
+        terms = torch.xlogy(qq, qq) - qq * ls
+    elif variant == "reverse":
+        qf = torch.where(vmask, qq.clamp_min(eps), 0.0)
+        log_qf = torch.log(torch.where(vmask, qf / qf.sum(dim=1, keepdim=True), 1.0))
+        terms = ls.exp() * (ls - log_qf)
+    elif variant == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError("jsd needs 0 < beta < 1 (use 'forward' / 'reverse' for the end points)")
+        log_q = torch.log(torch.where(qq > 0, qq, 1.0))
+        log_q = torch.where(qq > 0, log_q, _NEG)
+        log_m = torch.logaddexp(log_q + torch.log(torch.tensor(beta, dtype=dt)),
+                                ls + torch.log(torch.tensor(1.0 - beta, dtype=dt)))
+        terms = beta * (torch.xlogy(qq, qq) - qq * log_m) + (1.0 - beta) * ls.exp() * (ls - log_m)
+    else:
+        raise ValueError(f"unknown KL variant {variant!r}; expected one of {KL_VARIANTS}")
+    return torch.where(vmask, terms, 0.0).sum(dim=1)
+
+
+def token_logprobs(z: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[tok] per row: z [n,V], tok [n] -> [n]."""
+    return z.gather(1, tok[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0 (both branches finite for a <= -1e-30)."""
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def binary_divergence(logp_teacher, logp_student, variant: str = "forward", tau: float = 1.0,
+                      max_logp: float = -1e-6):
+    """Bernoulli divergence between p_t = exp(logp_t / tau) and p_s = exp(logp_s / tau) (per chunk).
+
+    forward: p_t log(p_t/p_s) + (1-p_t) log((1-p_t)/(1-p_s)); reverse swaps the roles. Log-probs are
+    clamped to <= max_logp so that log(1 - p) stays finite.
+    """
+    a_t = (logp_teacher / tau).clamp(max=max_logp)
+    a_s = (logp_student / tau).clamp(max=max_logp)
+    if variant == "reverse":
+        a_t, a_s = a_s, a_t
+    elif variant != "forward":
+        raise ValueError(f"unknown chunk variant {variant!r}; expected one of {CHUNK_VARIANTS}")
+    p = a_t.exp()
+    return p * (a_t - a_s) + (1.0 - p) * (_log1mexp(a_t) - _log1mexp(a_s))
+
+
+# ------------------------------------------------------------------------------------------------
+# row items and the chunked / fused autograd Function
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KLSpec:
+    variant: str = "forward"
+    tau: float = 1.0
+    beta: float = 0.5
+    eps: float = 1e-8
+
+
+@dataclass
+class _KLGroup:
+    rows: torch.Tensor    # [N] flat row index b*T + t
+    ids: torch.Tensor     # [N,K]
+    q: torch.Tensor       # [N,K]
+    r: torch.Tensor       # [N]
+    valid: torch.Tensor   # [N,K]
+    spec: _KLSpec
+
+
+class _Plan:
+    """Which rows are read, in which chunks, and what is evaluated on each row."""
+
+    def __init__(self, tok_rows, tok_ids, groups: list[_KLGroup], chunk_rows: int, device):
+        self.groups = groups
+        self.tok_ids = tok_ids
+        parts = [tok_rows] + [g.rows for g in groups]
+        allrows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+        self.rows, inv = torch.unique(allrows, sorted=True, return_inverse=True)
+        R = self.rows.numel()
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.bounds = list(range(0, R, self.chunk_rows)) + [R]
+        if R == 0:
+            self.bounds = [0]
+        sizes = [p.numel() for p in parts]
+        self.inv = list(torch.split(inv, sizes))
+        bnd = torch.tensor(self.bounds, dtype=torch.long, device=inv.device)
+        self.order, self.cuts = [], []
+        for iv in self.inv:
+            o = torch.argsort(iv, stable=True)
+            self.order.append(o)
+            self.cuts.append(torch.searchsorted(iv[o], bnd).tolist())
+        self.n_out = sizes
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.bounds) - 1
+
+    def chunk_logits(self, x, weight, c: int, cd: torch.dtype):
+        rows = self.rows[self.bounds[c]: self.bounds[c + 1]]
+        if weight is None:
+            return x.reshape(-1, x.shape[-1]).index_select(0, rows).to(cd), rows, None
+        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        common = torch.promote_types(h.dtype, weight.dtype)
+        z = (h.to(common) @ weight.to(common).t()).to(cd)
+        return z, rows, h
+
+    def eval_chunk(self, z, c: int):
+        """[(selection into output j, values)] for every output with items in chunk c."""
+        base = self.bounds[c]
+        res = []
+        for j in range(len(self.inv)):
+            sel = self.order[j][self.cuts[j][c]: self.cuts[j][c + 1]]
+            if sel.numel() == 0:
+                continue
+            loc = self.inv[j][sel] - base
+            zj = z.index_select(0, loc)
+            if j == 0:
+                vals = token_logprobs(zj, self.tok_ids[sel])
+            else:
+                g = self.groups[j - 1]
+                log_s, log_u = partition_logprobs(zj, g.ids[sel], g.valid[sel], g.spec.tau)
+                vals = partition_divergence(log_s, log_u, g.q[sel], g.r[sel], g.valid[sel],
+                                            g.spec.variant, g.spec.beta, g.spec.eps)
+            res.append((j, sel, vals))
+        return res
+
+
+class _RowLossFunction(torch.autograd.Function):
+    """(plan, x, weight) -> (token log-probs [M], KL values [N_g] for each group g).
+
+    x is logits [B,T,V] when weight is None, else hidden [B,T,H] with weight [V,H] (fused)."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, x, weight):
+        cd = _compute_dtype(torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype)
+        ctx.plan, ctx.cd = plan, cd
+        ctx.save_for_backward(x, weight)
+        outs = [torch.zeros(n, dtype=cd, device=x.device) for n in plan.n_out]
+        with torch.autocast(x.device.type, enabled=False):
+            for c in range(plan.n_chunks):
+                z, _, _ = plan.chunk_logits(x, weight, c, cd)
+                for j, sel, vals in plan.eval_chunk(z, c):
+                    outs[j][sel] = vals
+                del z
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan, cd = ctx.plan, ctx.cd
+        x, weight = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        gx_flat = gx.view(-1, x.shape[-1])
+        gw = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            gw = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
+        grads = [g.to(cd) for g in grads]
+        with torch.autocast(x.device.type, enabled=False):
+            for c in range(plan.n_chunks):
+                with torch.no_grad():
+                    z, rows, h = plan.chunk_logits(x, weight, c, cd)
+                z.requires_grad_(True)
+                with torch.enable_grad():
+                    total = None
+                    for j, sel, vals in plan.eval_chunk(z, c):
+                        t = (grads[j][sel] * vals).sum()
+                        total = t if total is None else total + t
+                if total is None:
+                    continue
+                (gz,) = torch.autograd.grad(total, z)
+                del z, total
+                if weight is None:
+                    gx_flat.index_copy_(0, rows, gz.to(x.dtype))
+                else:
+                    common = torch.promote_types(h.dtype, weight.dtype)
+                    gx_flat.index_copy_(0, rows, (gz.to(common) @ weight.to(common)).to(x.dtype))
+                    if gw is not None:
+                        gw.addmm_(gz.to(gw.dtype).t(), h.to(gw.dtype))
+                del gz
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        return None, gx, gw
+
+
+def _split_student(student):
+    """logits tensor, or (hidden, lm_head_weight) -> (x, weight or None, V)."""
+    if isinstance(student, (tuple, list)):
+        x, w = student
+        if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"fused path needs hidden [..., H] and weight [V, H]; got {tuple(x.shape)}, {tuple(w.shape)}")
+        return x, w, w.shape[0]
+    return student, None, student.shape[-1]
+
+
+def _auto_chunk_rows(V: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(8, (1 << 25) // max(V, 1))  # ~128 MiB per fp32 [rows, V] temporary
+
+
+def _run(student, tok_rows, tok_ids, groups, chunk_size):
+    x, w, V = _split_student(student)
+    plan = _Plan(tok_rows, tok_ids, groups, _auto_chunk_rows(V, chunk_size), x.device)
+    return _RowLossFunction.apply(plan, x, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# building row items from the collated batch
+# ------------------------------------------------------------------------------------------------
+
+
+def _kl_items(tb: Mapping, T: int, spec: _KLSpec, device):
+    """Valid target positions of one teacher -> (_KLGroup, (b, p) index of each item)."""
+    pos = tb["positions"].to(device).long()
+    ok = tb["mask"].to(device).bool() & tb["present"].to(device).bool()[:, None] & (pos >= 0) & (pos < T)
+    b, p = ok.nonzero(as_tuple=True)
+    rows = b * T + pos[b, p]
+    q = tb["target_probs"].to(device)[b, p]
+    g = _KLGroup(rows, tb["target_ids"].to(device).long()[b, p], q, tb["tail_mass"].to(device)[b, p], q > 0, spec)
+    return g, (b, p)
+
+
+def _chunk_items(tb: Mapping, input_ids: torch.Tensor):
+    """Valid chunks -> token items (rows, token ids, chunk index) and the chunks' (b, c)."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    spans = tb["chunk_spans"].to(dev).long()
+    s0, s1 = spans[..., 0], spans[..., 1]
+    ok = tb["chunk_mask"].to(dev).bool() & tb["present"].to(dev).bool()[:, None] & (s0 >= 1) & (s1 > s0) & (s1 <= T)
+    b, c = ok.nonzero(as_tuple=True)
+    lens = (s1 - s0)[b, c]
+    n = b.numel()
+    chunk_of = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    tok_pos = s0[b, c][chunk_of] + (torch.arange(chunk_of.numel(), device=dev) - starts[chunk_of])
+    tb_ = b[chunk_of]
+    rows = tb_ * T + tok_pos - 1
+    toks = input_ids.long()[tb_, tok_pos]
+    return rows, toks, chunk_of, (b, c)
+
+
+def _sft_items(labels: torch.Tensor):
+    B, T = labels.shape
+    nxt = labels[:, 1:].long()
+    b, t = (nxt != IGNORE_INDEX).nonzero(as_tuple=True)
+    return b * T + t, nxt[b, t], b
+
+
+def _empty_long(device):
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _reduce(vals: torch.Tensor, reduction: str, index=None, shape=None):
+    if reduction == "mean":
+        return vals.sum() / max(vals.numel(), 1)
+    if reduction == "sum":
+        return vals.sum()
+    if reduction == "none":
+        out = vals.new_zeros(shape)
+        out[index] = vals
+        return out
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _as_x(student):
+    return student[0] if isinstance(student, (tuple, list)) else student
+
+
+# ------------------------------------------------------------------------------------------------
+# public losses
+# ------------------------------------------------------------------------------------------------
+
+
+class CrossTokenizerKLLoss(nn.Module):
+    """KL-type divergence between one teacher's projected sparse target (+ tail bucket) and the student.
+
+    variant: 'forward' KL(teacher || student), 'reverse' KL(student || teacher), 'jsd' JSD(beta).
+    tau: temperature on the student logits (the teacher targets are used as stored). tau_squared:
+    multiply by tau**2. reduction: 'mean' over valid target positions, 'sum', or 'none' ([B,P], zeros
+    where masked). chunk_size: rows per chunk (default: ~128 MiB of fp32 logits per chunk).
+    Call: loss(logits [B,T,V] or (hidden [B,T,H], lm_head_weight [V,H]), teacher_batch).
+    """
+
+    def __init__(self, variant: str = "forward", tau: float = 1.0, tau_squared: bool = False, beta: float = 0.5,
+                 eps: float = 1e-8, reduction: str = "mean", chunk_size: int | None = None):
+        super().__init__()
+        if variant not in KL_VARIANTS:
+            raise ValueError(f"unknown KL variant {variant!r}; expected one of {KL_VARIANTS}")
+        if variant == "jsd" and not 0.0 < beta < 1.0:
+            raise ValueError("jsd needs 0 < beta < 1")
+        if tau <= 0:
+            raise ValueError("tau must be > 0")
+        self.spec = _KLSpec(variant, float(tau), float(beta), float(eps))
+        self.tau_squared, self.reduction, self.chunk_size = tau_squared, reduction, chunk_size
+
+    @property
+    def scale(self) -> float:
+        return self.spec.tau ** 2 if self.tau_squared else 1.0
+
+    def forward(self, student, teacher_batch: Mapping, reduction: str | None = None):
+        x = _as_x(student)
+        B, T = x.shape[0], x.shape[1]
+        g, idx = _kl_items(teacher_batch, T, self.spec, x.device)
+        _, vals = _run(student, _empty_long(x.device), _empty_long(x.device), [g], self.chunk_size)
+        return _reduce(vals * self.scale, reduction or self.reduction, idx, teacher_batch["positions"].shape)
+
+
+class ChunkLikelihoodLoss(nn.Module):
+    """Binary divergence between the teacher's and the student's log-likelihood of each aligned chunk.
+
+    For chunk c with student span [s0, s1): logp_s(c) = sum_{s0<=j<s1} log p_student(input_ids[j] | <j)
+    (output position j-1, tau = 1) and logp_t(c) = chunk_teacher_logprob; loss = binary_divergence(
+    logp_t, logp_s, variant, tau). reduction: 'mean' over valid chunks, 'sum', 'none' ([B,C]).
+    Call: loss(student, teacher_batch, input_ids).
+    """
+
+    def __init__(self, variant: str = "forward", tau: float = 1.0, max_logp: float = -1e-6,
+                 reduction: str = "mean", chunk_size: int | None = None):
+        super().__init__()
+        if variant not in CHUNK_VARIANTS:
+            raise ValueError(f"unknown chunk variant {variant!r}; expected one of {CHUNK_VARIANTS}")
+        self.variant, self.tau, self.max_logp = variant, float(tau), float(max_logp)
+        self.reduction, self.chunk_size = reduction, chunk_size
+
+    def from_token_logprobs(self, tok_lp, chunk_of, n_chunks, teacher_lp):
+        lp_s = tok_lp.new_zeros(n_chunks).index_add(0, chunk_of, tok_lp)
+        return binary_divergence(teacher_lp.to(lp_s.dtype), lp_s, self.variant, self.tau, self.max_logp)
+
+    def forward(self, student, teacher_batch: Mapping, input_ids: torch.Tensor, reduction: str | None = None):
+        x = _as_x(student)
+        rows, toks, chunk_of, (b, c) = _chunk_items(teacher_batch, input_ids.to(x.device))
+        tok_lp, = _run(student, rows, toks, [], self.chunk_size)
+        vals = self.from_token_logprobs(tok_lp, chunk_of, b.numel(),
+                                        teacher_batch["chunk_teacher_logprob"].to(x.device)[b, c])
+        return _reduce(vals, reduction or self.reduction, (b, c), teacher_batch["chunk_mask"].shape)
+
+
+class SFTLoss(nn.Module):
+    """Cross-entropy of the student on its own labels: output position t predicts labels[t+1];
+    labels == -100 are ignored. reduction: 'mean' over label tokens, 'sum', 'none' ([B,T], at t)."""
+
+    def __init__(self, reduction: str = "mean", chunk_size: int | None = None):
+        super().__init__()
+        self.reduction, self.chunk_size = reduction, chunk_size
+
+    def forward(self, student, labels: torch.Tensor, reduction: str | None = None):
+        x = _as_x(student)
+        labels = labels.to(x.device)
+        rows, toks, b = _sft_items(labels)
+        tok_lp, = _run(student, rows, toks, [], self.chunk_size)
+        T = labels.shape[1]
+        return _reduce(-tok_lp, reduction or self.reduction, (b, rows - b * T), labels.shape)
+
+
+@dataclass
+class TeacherLoss:
+    """Per-teacher configuration of MultiTeacherLossAggregator: KL weight, chunk-likelihood weight, and
+    the two loss objects (their reduction / chunk_size are not used by the aggregator)."""
+    weight: float = 1.0
+    chunk_weight: float = 0.0
+    kl: CrossTokenizerKLLoss = field(default_factory=CrossTokenizerKLLoss)
+    chunk: ChunkLikelihoodLoss = field(default_factory=ChunkLikelihoodLoss)
+
+
+class MultiTeacherLossAggregator(nn.Module):
+    """Weighted sum of the per-teacher KL and chunk losses and the SFT cross-entropy, in one pass.
+
+    teachers: {name: weight or TeacherLoss}. sft_weight: weight of SFTLoss on batch["labels"].
+    Normalisation (`normalize`):
+      'tokens' (default): every component is a sum over its items divided by the same D = number of
+        trained label tokens in the batch (labels[:, 1:] != -100), or `num_items` if given (pass a
+        global count under DDP). An absent teacher therefore contributes exactly nothing and the other
+        weights are untouched.
+      'per_component': each component is the mean over its own valid items (classic per-teacher mean;
+        note this spreads a teacher's weight over the examples where it is present).
+    renormalize_absent: if True, for each example the teachers' weights are rescaled by
+      (sum of all teacher weights) / (sum of the weights of the teachers present in that example).
+    Returns (loss, logs): logs holds detached tensors: 'loss', 'sft', 'kl/<name>', 'chunk/<name>'
+    (unweighted component values), 'kl_per_position/<name>', 'present/<name>', 'tokens'.
+    A configured teacher missing from batch['teachers'] is absent; batch teachers not configured are
+    ignored.
+    """
+
+    def __init__(self, teachers: Mapping[str, float | TeacherLoss], sft_weight: float = 0.0,
+                 normalize: str = "tokens", renormalize_absent: bool = False, chunk_size: int | None = None):
+        super().__init__()
+        self.teachers = {n: (c if isinstance(c, TeacherLoss) else TeacherLoss(weight=float(c))) for n, c in teachers.items()}
+        if normalize not in ("tokens", "per_component"):
+            raise ValueError("normalize must be 'tokens' or 'per_component'")
+        self.sft_weight, self.normalize = float(sft_weight), normalize
+        self.renormalize_absent, self.chunk_size = renormalize_absent, chunk_size
+
+    def forward(self, student, batch: Mapping, num_items=None):
+        x = _as_x(student)
+        dev = x.device
+        B, T = x.shape[0], x.shape[1]
+        labels = batch["labels"].to(dev)
+        tbs = batch.get("teachers", {}) or {}
+        names = list(self.teachers)
+
+        # per-example teacher factors
+        present = torch.stack([tbs[n]["present"].to(dev).bool() if n in tbs else torch.zeros(B, dtype=torch.bool, device=dev)
+                               for n in names], 1) if names else torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        w = torch.tensor([self.teachers[n].weight for n in names], dtype=torch.float64, device=dev)
+        if self.renormalize_absent and names:
+            wp = (present.double() * w).sum(1)
+            factor = torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0).float()
+        else:
+            factor = torch.ones(B, device=dev)
+
+        # items
+        tok_rows, tok_ids, groups = [], [], []
+        sft_n = 0
+        if self.sft_weight != 0.0:
+            r, t, _ = _sft_items(labels)
+            tok_rows.append(r); tok_ids.append(t); sft_n = r.numel()
+        kl_meta, chunk_meta = {}, {}
+        off = sft_n
+        for n in names:
+            cfg = self.teachers[n]
+            if n not in tbs:
+                continue
+            if cfg.weight != 0.0:
+                g, (b, _p) = _kl_items(tbs[n], T, cfg.kl.spec, dev)
+                kl_meta[n] = (len(groups), b)
+                groups.append(g)
+            if cfg.chunk_weight != 0.0:
+                r, t, chunk_of, (b, c) = _chunk_items(tbs[n], batch["input_ids"].to(dev))
+                chunk_meta[n] = (off, r.numel(), chunk_of, b, tbs[n]["chunk_teacher_logprob"].to(dev)[b, c])
+                tok_rows.append(r); tok_ids.append(t); off += r.numel()
+        tr = torch.cat(tok_rows) if tok_rows else _empty_long(dev)
+        ti = torch.cat(tok_ids) if tok_ids else _empty_long(dev)
+        outs = _run(student, tr, ti, groups, self.chunk_size)
+        tok_lp, kl_vals = outs[0], outs[1:]
+
+        with torch.autocast(dev.type, enabled=False):
+            n_tok = (labels[:, 1:] != IGNORE_INDEX).sum()
+            D = (torch.as_tensor(num_items, device=dev, dtype=tok_lp.dtype) if num_items is not None
+                 else n_tok.to(tok_lp.dtype).clamp_min(1))
+            per = self.normalize == "per_component"
+            total = tok_lp.sum() * 0.0 + sum(v.sum() * 0.0 for v in kl_vals)  # keeps the graph when empty
+            logs = {"tokens": n_tok.detach()}
+            if self.sft_weight != 0.0:
+                ce = -tok_lp[:sft_n]
+                sft = ce.sum() / (max(sft_n, 1) if per else D)
+                total = total + self.sft_weight * sft
+                logs["sft"] = sft.detach()
+            for i, n in enumerate(names):
+                cfg = self.teachers[n]
+                logs[f"present/{n}"] = present[:, i].float().mean().detach()
+                if n in kl_meta:
+                    gi, b = kl_meta[n]
+                    d = kl_vals[gi] * cfg.kl.scale
+                    kl = (d * factor[b].to(d.dtype)).sum() / (max(d.numel(), 1) if per else D)
+                    total = total + cfg.weight * kl
+                    logs[f"kl/{n}"] = kl.detach()
+                    logs[f"kl_per_position/{n}"] = (d.sum() / max(d.numel(), 1)).detach()
+                if n in chunk_meta:
+                    o, m, chunk_of, b, tlp = chunk_meta[n]
+                    cl = cfg.chunk.from_token_logprobs(tok_lp[o:o + m], chunk_of, b.numel(), tlp)
+                    cv = (cl * factor[b].to(cl.dtype)).sum() / (max(cl.numel(), 1) if per else D)
+                    total = total + cfg.chunk_weight * cv
+                    logs[f"chunk/{n}"] = cv.detach()
+            logs["loss"] = total.detach()
+        return total, logs
