@@ -28,7 +28,7 @@ from numba import njit
 
 from .tokens import TokenBytes, Tokenizer
 
-__all__ = ["Alignment", "align", "align_arrays", "byte_match", "chunks_from_match", "GAP_OPEN", "GAP_EXTEND"]
+__all__ = ["Alignment", "align", "align_arrays", "byte_match", "chunks_from_match", "dp_match", "GAP_OPEN", "GAP_EXTEND"]
 
 # Affine gap costs of the byte DP: a gap of length L costs GAP_OPEN + L * GAP_EXTEND; matches cost
 # 0; unequal bytes never pair. With these, an isolated run of < 4 equal bytes inside unmatched
@@ -542,6 +542,19 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
         pj += b0
     _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half)
     return mt, ms
+
+
+def dp_match(a: np.ndarray, b: np.ndarray, go: int = GAP_OPEN, ge: int = GAP_EXTEND):
+    """The plain full affine-gap DP (no trimming, anchors or band): (mt, ms, cost). For tests and
+    benchmarks; `byte_match` is what the aligner uses."""
+    a = np.ascontiguousarray(a, dtype=np.uint8)
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    mt = np.full(a.shape[0], -1, np.int64)
+    ms = np.full(b.shape[0], -1, np.int64)
+    lo = np.zeros(a.shape[0] + 1, np.int64)
+    hi = np.full(a.shape[0] + 1, b.shape[0], np.int64)
+    cost = _gotoh(a, b, lo, hi, go, ge, mt, ms, 0, 0)
+    return mt, ms, int(cost)
 
 
 def _anchors(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
