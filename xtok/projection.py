@@ -67,6 +67,67 @@ def _hash_of(x) -> str | None:
     return load_tokenizer(x).content_hash
 
 
+try:  # numba is a hard dependency; the guard only keeps `import xtok.projection` cheap to reason about
+    from numba import njit
+except ImportError:  # pragma: no cover
+    njit = None
+
+
+def _project_kernel_py(ids, probs, indptr, indices, data, n_cols, max_row_nnz, K, pad_id, out_ids, out_p):
+    P, k = ids.shape
+    cap = max(1, max_row_nnz * k)
+    buf_id = np.empty(cap, np.int64)
+    buf_p = np.empty(cap, np.float64)
+    seen_pos = np.full(n_cols, -1, np.int64)  # student id -> last position that used it
+    seen_slot = np.empty(n_cols, np.int64)
+    for p in range(P):
+        m = 0
+        for j in range(k):  # gather + merge duplicates in O(entries)
+            t = ids[p, j]
+            if t < 0:
+                continue
+            w = np.float64(probs[p, j])
+            for e in range(indptr[t], indptr[t + 1]):
+                sid = indices[e]
+                v = data[e] * w
+                if seen_pos[sid] == p:
+                    buf_p[seen_slot[sid]] += v
+                else:
+                    seen_pos[sid] = p
+                    seen_slot[sid] = m
+                    buf_id[m] = sid
+                    buf_p[m] = v
+                    m += 1
+        if m <= 128:  # insertion sort by (prob desc, id asc)
+            for a in range(1, m):
+                ci, cp = buf_id[a], buf_p[a]
+                b = a - 1
+                while b >= 0 and (buf_p[b] < cp or (buf_p[b] == cp and buf_id[b] > ci)):
+                    buf_id[b + 1] = buf_id[b]
+                    buf_p[b + 1] = buf_p[b]
+                    b -= 1
+                buf_id[b + 1] = ci
+                buf_p[b + 1] = cp
+            oid, op = buf_id, buf_p
+        else:
+            o1 = np.argsort(buf_id[:m], kind="mergesort")
+            sid_s = buf_id[:m][o1]
+            sp_s = buf_p[:m][o1]
+            o2 = np.argsort(-sp_s, kind="mergesort")
+            oid = sid_s[o2]
+            op = sp_s[o2]
+        for q in range(K):
+            if q < m:
+                out_ids[p, q] = oid[q]
+                out_p[p, q] = op[q]
+            else:
+                out_ids[p, q] = pad_id
+                out_p[p, q] = 0
+
+
+_project_kernel = njit(cache=True, nogil=True)(_project_kernel_py) if njit is not None else _project_kernel_py
+
+
 class ProjectionMatrix:
     """Sparse W (CSR numpy arrays on the host; torch views on demand) + decompositions + metadata.
 
@@ -203,7 +264,39 @@ class ProjectionMatrix:
         mass equals the input mass (rows of W sum to 1). With a smaller K the K most probable student
         ids are kept. Teacher ids < 0 are treated as padding (contribute nothing).
         """
-        is_np = not _is_torch(topk_ids)
+        if not _is_torch(topk_ids) or topk_ids.device.type == "cpu":
+            return self._project_cpu(topk_ids, topk_probs, K, pad_id)
+        return self._project_torch(topk_ids, topk_probs, K, pad_id)
+
+    def _project_cpu(self, topk_ids, topk_probs, K, pad_id):
+        """Numba kernel (releases the GIL): CSR row gather, duplicate merge, sort, pad."""
+        is_t = _is_torch(topk_ids)
+        ids = topk_ids.numpy() if is_t else np.asarray(topk_ids)
+        probs = topk_probs.detach().numpy() if is_t else np.asarray(topk_probs)
+        if ids.shape != probs.shape:
+            raise ValueError(f"topk_ids {ids.shape} and topk_probs {probs.shape} differ in shape")
+        k = ids.shape[-1] if ids.ndim else 1
+        lead = ids.shape[:-1]
+        K = self.default_k(k) if K is None else int(K)
+        ids2 = np.ascontiguousarray(ids.reshape(-1, k), dtype=np.int64)
+        probs2 = np.ascontiguousarray(probs.reshape(-1, k))
+        if probs2.dtype.kind != "f":
+            probs2 = probs2.astype(np.float32)
+        if ids2.size and int(ids2.max()) >= self.shape[0]:
+            raise IndexError(f"teacher id {int(ids2.max())} out of range for a W with {self.shape[0]} rows")
+        out_ids = np.empty((ids2.shape[0], K), np.int64)
+        out_p = np.empty((ids2.shape[0], K), probs2.dtype)
+        _project_kernel(ids2, probs2, self.indptr, self.indices, self.data, self.shape[1], self._max_row_nnz, K, pad_id, out_ids, out_p)
+        out_ids, out_p = out_ids.reshape(*lead, K), out_p.reshape(*lead, K)
+        if is_t:
+            import torch
+
+            return torch.from_numpy(out_ids), torch.from_numpy(out_p)
+        return out_ids, out_p
+
+    def _project_torch(self, topk_ids, topk_probs, K, pad_id):
+        """Same result with torch ops on the inputs' (accelerator) device."""
+        is_np = False
         import torch
 
         ids = torch.from_numpy(np.asarray(topk_ids)) if is_np else topk_ids
@@ -253,7 +346,7 @@ class ProjectionMatrix:
         merged_id = torch.full_like(skey, big).scatter_(1, grp, skey)
         real = merged_id != big
         merged_p = torch.where(real, merged_p, merged_p.new_full((), -1.0))  # pads sort last
-        top_p, top_i = torch.sort(merged_p, dim=1, descending=True)
+        top_p, top_i = torch.sort(merged_p, dim=1, descending=True, stable=True)
         top_id = torch.gather(merged_id, 1, top_i)
         if K <= L:
             top_p, top_id = top_p[:, :K], top_id[:, :K]
