@@ -224,7 +224,8 @@ class ProjectionMatrix:
         if "coo" not in self._torch_cache:
             rows, cols, vals = self.coo_arrays()
             idx = torch.from_numpy(np.stack([rows.astype(np.int64), cols.astype(np.int64)]))
-            t = torch.sparse_coo_tensor(idx, torch.from_numpy(vals), self.shape, is_coalesced=True)
+            t = torch.sparse_coo_tensor(idx, torch.from_numpy(vals), self.shape, is_coalesced=True,
+                                        check_invariants=False)
             self._torch_cache["coo"] = t.to(self.device)
         return self._torch_cache["coo"]
 
@@ -233,8 +234,13 @@ class ProjectionMatrix:
         import torch
 
         if "csr" not in self._torch_cache:
-            t = torch.sparse_csr_tensor(torch.from_numpy(self.indptr), torch.from_numpy(self.indices.astype(np.int64)),
-                                        torch.from_numpy(self.data), self.shape)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+                t = torch.sparse_csr_tensor(torch.from_numpy(self.indptr),
+                                            torch.from_numpy(self.indices.astype(np.int64)),
+                                            torch.from_numpy(self.data), self.shape, check_invariants=False)
             self._torch_cache["csr"] = t.to(self.device)
         return self._torch_cache["csr"]
 
