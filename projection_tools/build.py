@@ -409,6 +409,7 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         rows_multi, lens = todo[has], counts[has]
         dst = np.repeat(offs_tmp[rows_multi] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
         dec_ids[dst] = flat
+    bar.update(max(0, bar.total - bar.n))
     bar.close()
     offs = np.zeros(V_t + 1, np.int64)
     np.cumsum(dec_len, out=offs[1:])

@@ -33,7 +33,15 @@ def render_row(W, t: int, teacher=None, student=None) -> str:
     def tname(tok, i):
         if tok is None:
             return f"#{i}"
-        return repr(tok.token_str(int(i)))
+        i = int(i)
+        if tok.token_bytes.is_special[i]:
+            return tok.token_str(i)
+        b = tok.token_bytes.get(i)
+        try:
+            return repr(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            return repr(b)  # a byte fragment, shown as b'\xe6'
+
 
     ids, w = W.row(t)
     dec = W.decomposition(t)

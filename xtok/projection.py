@@ -278,6 +278,8 @@ class ProjectionMatrix:
         """Numba kernel (releases the GIL): CSR row gather, duplicate merge, sort, pad."""
         is_t = _is_torch(topk_ids)
         ids = topk_ids.numpy() if is_t else np.asarray(topk_ids)
+        if is_t and topk_probs.dtype in (__import__("torch").float16, __import__("torch").bfloat16):
+            topk_probs = topk_probs.float()
         probs = topk_probs.detach().numpy() if is_t else np.asarray(topk_probs)
         if ids.shape != probs.shape:
             raise ValueError(f"topk_ids {ids.shape} and topk_probs {probs.shape} differ in shape")
@@ -286,7 +288,7 @@ class ProjectionMatrix:
         K = self.default_k(k) if K is None else int(K)
         ids2 = np.ascontiguousarray(ids.reshape(-1, k), dtype=np.int64)
         probs2 = np.ascontiguousarray(probs.reshape(-1, k))
-        if probs2.dtype.kind != "f":
+        if probs2.dtype not in (np.float32, np.float64):  # ints, float16/bfloat16-as-float: float32 out
             probs2 = probs2.astype(np.float32)
         if ids2.size and int(ids2.max()) >= self.shape[0]:
             raise IndexError(f"teacher id {int(ids2.max())} out of range for a W with {self.shape[0]} rows")
