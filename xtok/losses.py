@@ -483,9 +483,9 @@ class MultiTeacherLossAggregator(nn.Module):
         w = torch.tensor([self.teachers[n].weight for n in names], dtype=torch.float64, device=dev)
         if self.renormalize_absent and names:
             wp = (present.double() * w).sum(1)
-            factor = torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0).float()
+            factor = torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0)
         else:
-            factor = torch.ones(B, device=dev)
+            factor = torch.ones(B, dtype=torch.float64, device=dev)
 
         # items
         tok_rows, tok_ids, groups = [], [], []

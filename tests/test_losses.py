@@ -1,0 +1,584 @@
+"""xtok.losses against dense float64 references written here independently (full softmax, python
+loops over positions): values and gradients for every variant and both input paths (logits, fused
+hidden + lm_head), gradcheck, KL >= 0, zero at the teacher, masks, identity W == sparse top-k KD with
+a tail bucket, aggregator weighting / absent teachers, bf16 autocast, no full-size tensors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xtok.losses import (ChunkLikelihoodLoss, CrossTokenizerKLLoss, MultiTeacherLossAggregator, SFTLoss,
+                         TeacherLoss)
+
+D64 = torch.float64
+
+# ------------------------------------------------------------------------------------------------
+# random batches in the collator's layout
+# ------------------------------------------------------------------------------------------------
+
+
+def make_teacher(B, T, V, P, K, seed, tail=True, dtype=D64, absent=(), masked_frac=0.25, pad_zero=True):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, T, (B, P), generator=g)
+    mask = torch.rand(B, P, generator=g) > masked_frac
+    ids = torch.zeros(B, P, K, dtype=torch.long)
+    probs = torch.zeros(B, P, K, dtype=dtype)
+    tail_mass = torch.zeros(B, P, dtype=dtype)
+    for b in range(B):
+        for p in range(P):
+            k = int(torch.randint(1, K + 1, (1,), generator=g))  # rows with fewer ids are padded (id 0, prob 0)
+            ids[b, p, :k] = torch.randperm(V, generator=g)[:k]
+            w = torch.rand(k, generator=g, dtype=dtype) + 0.05
+            r = float(torch.rand(1, generator=g)) * 0.5 if tail else 0.0
+            probs[b, p, :k] = w / w.sum() * (1 - r)
+            tail_mass[b, p] = r
+    if not pad_zero:
+        pass
+    present = torch.ones(B, dtype=torch.bool)
+    for b in absent:
+        present[b] = False
+    C = 3
+    spans = torch.zeros(B, C, 2, dtype=torch.long)
+    cmask = torch.zeros(B, C, dtype=torch.bool)
+    clp = torch.zeros(B, C, dtype=torch.float32)
+    for b in range(B):
+        s = 1
+        for c in range(C):
+            ln = int(torch.randint(1, 3, (1,), generator=g))
+            if s + ln > T:
+                break
+            spans[b, c] = torch.tensor([s, s + ln])
+            cmask[b, c] = bool(torch.rand(1, generator=g) > 0.2)
+            clp[b, c] = -float(torch.rand(1, generator=g)) * 3 * ln - 0.01
+            s += ln + int(torch.randint(0, 2, (1,), generator=g))
+    return {"positions": pos, "mask": mask, "target_ids": ids, "target_probs": probs, "tail_mass": tail_mass,
+            "chunk_spans": spans, "chunk_teacher_logprob": clp, "chunk_mask": cmask, "present": present}
+
+
+def make_batch(B, T, V, seed, teachers=("a", "b"), **kw):
+    g = torch.Generator().manual_seed(seed + 1000)
+    input_ids = torch.randint(0, V, (B, T), generator=g)
+    labels = input_ids.clone()
+    labels[torch.rand(B, T, generator=g) < 0.3] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": labels,
+            "teachers": {n: make_teacher(B, T, V, 5, 4, seed + i, **kw) for i, n in enumerate(teachers)}}
+
+
+# ------------------------------------------------------------------------------------------------
+# independent dense references (float64, full softmax, loops)
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_kl_terms(logits, tb, variant, tau=1.0, beta=0.5, eps=1e-8):
+    """list of ((b, p), divergence) for every valid target position."""
+    out = []
+    B, P = tb["positions"].shape
+    T = logits.shape[1]
+    for b in range(B):
+        if not bool(tb["present"][b]):
+            continue
+        for p in range(P):
+            t = int(tb["positions"][b, p])
+            if not bool(tb["mask"][b, p]) or not 0 <= t < T:
+                continue
+            s = torch.softmax(logits[b, t].to(D64) / tau, dim=0)
+            ids, q = tb["target_ids"][b, p], tb["target_probs"][b, p].to(D64)
+            keep = q > 0
+            ids, q = ids[keep], q[keep]
+            inset = torch.zeros_like(s, dtype=torch.bool)
+            inset[ids] = True
+            s_cells = torch.cat([s[ids], s[~inset].sum()[None]])
+            q_cells = torch.cat([q, tb["tail_mass"][b, p].to(D64)[None]])
+            q_cells = q_cells / q_cells.sum()
+            if variant == "forward":
+                d = sum(qc * torch.log(qc / sc) for qc, sc in zip(q_cells, s_cells) if qc > 0)
+            elif variant == "reverse":
+                qf = q_cells.clamp_min(eps)
+                qf = qf / qf.sum()
+                d = (s_cells * torch.log(s_cells / qf)).sum()
+            else:
+                m = beta * q_cells + (1 - beta) * s_cells
+                d = beta * sum(qc * torch.log(qc / mc) for qc, mc in zip(q_cells, m) if qc > 0) \
+                    + (1 - beta) * (s_cells * torch.log(s_cells / m)).sum()
+            out.append(((b, p), d))
+    return out
+
+
+def ref_chunk_terms(logits, tb, input_ids, variant="forward", tau=1.0):
+    out = []
+    B, C = tb["chunk_mask"].shape
+    for b in range(B):
+        if not bool(tb["present"][b]):
+            continue
+        for c in range(C):
+            if not bool(tb["chunk_mask"][b, c]):
+                continue
+            s0, s1 = (int(v) for v in tb["chunk_spans"][b, c])
+            lps = sum(torch.log_softmax(logits[b, j - 1].to(D64), 0)[int(input_ids[b, j])] for j in range(s0, s1))
+            pt = torch.exp(tb["chunk_teacher_logprob"][b, c].to(D64) / tau)
+            ps = torch.exp(lps / tau)
+            if variant == "reverse":
+                pt, ps = ps, pt
+            out.append(((b, c), pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))))
+    return out
+
+
+def ref_sft_sum(logits, labels):
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).to(D64), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def mean_of(terms):
+    return sum(d for _, d in terms) / max(len(terms), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# CrossTokenizerKLLoss
+# ------------------------------------------------------------------------------------------------
+
+VARIANTS = [("forward", 1.0, 0.5), ("forward", 2.0, 0.5), ("reverse", 1.0, 0.5), ("reverse", 0.7, 0.5),
+            ("jsd", 1.0, 0.5), ("jsd", 1.5, 0.2)]
+
+
+@pytest.mark.parametrize("variant,tau,beta", VARIANTS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_kl_values_and_grads_match_dense_reference(variant, tau, beta, fused):
+    B, T, V, H = 3, 7, 23, 6
+    tb = make_teacher(B, T, V, 6, 5, seed=1, absent=(2,))
+    g = torch.Generator().manual_seed(2)
+    if fused:
+        h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+        W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+        inputs, student = (h, W), lambda: (h, W)
+        logits_of = lambda: h @ W.t()  # noqa: E731
+    else:
+        z = (torch.randn(B, T, V, dtype=D64, generator=g) * 2).requires_grad_(True)
+        inputs, student, logits_of = (z,), (lambda: z), (lambda: z)
+    loss = CrossTokenizerKLLoss(variant, tau=tau, beta=beta, tau_squared=True, chunk_size=4)(student(), tb)
+    ref = mean_of(ref_kl_terms(logits_of(), tb, variant, tau, beta)) * tau ** 2
+    assert len(ref_kl_terms(logits_of(), tb, variant, tau, beta)) >= 5
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g_mine = torch.autograd.grad(loss, inputs)
+    g_ref = torch.autograd.grad(ref, inputs)
+    for a, b in zip(g_mine, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["forward", "reverse", "jsd"])
+def test_kl_gradcheck(variant):
+    B, T, V, H = 2, 4, 9, 3
+    tb = make_teacher(B, T, V, 3, 3, seed=3)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(B, T, V, dtype=D64, generator=g, requires_grad=True)
+    f = CrossTokenizerKLLoss(variant, tau=1.3, chunk_size=2)
+    assert torch.autograd.gradcheck(lambda x: f(x, tb), (z,))
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: f((a, w), tb), (h, W))
+
+
+def test_kl_per_position_reduction_none_and_nonnegative():
+    B, T, V = 4, 9, 31
+    for seed in range(4):
+        tb = make_teacher(B, T, V, 7, 6, seed=10 + seed)
+        z = torch.randn(B, T, V, dtype=torch.float32, generator=torch.Generator().manual_seed(seed)) * 4
+        for variant in ("forward", "reverse", "jsd"):
+            per = CrossTokenizerKLLoss(variant, reduction="none", chunk_size=5)(z, tb)
+            assert per.shape == (B, 7)
+            ref = ref_kl_terms(z, tb, variant)
+            assert len(ref) > 0
+            for (b, p), d in ref:
+                assert d >= 0
+                torch.testing.assert_close(per[b, p].double(), d, rtol=2e-4, atol=2e-6)
+            valid = torch.zeros(B, 7, dtype=torch.bool)
+            for (b, p), _ in ref:
+                valid[b, p] = True
+            assert (per[~valid] == 0).all()
+            assert (per[valid] >= -1e-6).all()
+
+
+def student_at_teacher(tb, B, T, V, tau, seed):
+    """Logits whose softmax(z / tau) equals the teacher on the target ids and spreads the tail mass
+    (randomly) over the other ids: the (projected) teacher itself."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T, V, dtype=D64, generator=g)
+    used = set()
+    for b in range(B):
+        for p in range(tb["positions"].shape[1]):
+            t = int(tb["positions"][b, p])
+            if (b, t) in used:
+                tb["mask"][b, p] = False  # one target per student position
+                continue
+            used.add((b, t))
+            q, ids = tb["target_probs"][b, p], tb["target_ids"][b, p]
+            keep = q > 0
+            dist = torch.rand(V, generator=g, dtype=D64) + 0.1
+            dist[ids[keep]] = 0
+            dist = dist / dist.sum() * tb["tail_mass"][b, p]
+            dist[ids[keep]] = q[keep].to(D64)
+            z[b, t] = torch.log(dist) * tau + 3.0
+    return z
+
+
+@pytest.mark.parametrize("variant", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_kl_zero_and_stationary_at_teacher(variant, fused):
+    B, T, V, tau = 2, 6, 17, 1.7
+    tb = make_teacher(B, T, V, 4, 4, seed=5)
+    z = student_at_teacher(tb, B, T, V, tau, seed=6).requires_grad_(True)
+    f = CrossTokenizerKLLoss(variant, tau=tau, chunk_size=3)
+    if fused:  # hidden = logits rows, W = identity: the fused path must agree
+        W = torch.eye(V, dtype=D64, requires_grad=True)
+        loss = f((z, W), tb)
+    else:
+        loss = f(z, tb)
+    assert abs(loss.item()) < 1e-12
+    (gz,) = torch.autograd.grad(loss, z)
+    assert gz.abs().max() < 1e-10
+    # and moving away from the teacher makes it strictly positive
+    z2 = z.detach().clone()
+    b, p = tb["mask"].nonzero()[0].tolist()
+    z2[b, int(tb["positions"][b, p]), int(tb["target_ids"][b, p, 0])] += 1.0
+    assert float(f(z2, tb)) > 1e-6
+
+
+def test_kl_masks_absent_and_untargeted_positions_change_nothing():
+    B, T, V = 3, 8, 19
+    tb = make_teacher(B, T, V, 5, 4, seed=7, absent=(1,))
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    f = CrossTokenizerKLLoss("forward", chunk_size=2)
+    base = f(z, tb)
+    (gz,) = torch.autograd.grad(base, z)
+    used = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        for p in range(5):
+            if tb["mask"][b, p] and tb["present"][b]:
+                used[b, tb["positions"][b, p]] = True
+    assert (~used).any() and used.any()
+    assert (gz[~used] == 0).all()
+    z2 = z.detach().clone()
+    z2[~used] = torch.randn(int((~used).sum()), V, dtype=D64) * 10
+    torch.testing.assert_close(f(z2, tb), base.detach(), rtol=0, atol=0)
+    # a masked / absent target's contents change nothing either
+    tb2 = {k: v.clone() for k, v in tb.items()}
+    tb2["target_probs"][1] = 0.0
+    tb2["target_ids"][~tb["mask"]] = 3
+    torch.testing.assert_close(f(z, tb2), base, rtol=0, atol=0)
+
+
+def test_chunk_size_invariance():
+    B, T, V = 2, 9, 29
+    batch = make_batch(B, T, V, seed=9)
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(10))
+    agg = lambda cs: MultiTeacherLossAggregator({"a": TeacherLoss(1.0, 0.3), "b": TeacherLoss(0.5, 0.0, CrossTokenizerKLLoss("jsd"))},  # noqa: E731
+                                                sft_weight=0.7, chunk_size=cs)
+    vals = []
+    for cs in (1, 3, 7, None):
+        x = z.clone().requires_grad_(True)
+        loss, _ = agg(cs)(x, batch)
+        loss.backward()
+        vals.append((loss.detach(), x.grad))
+    for v, gr in vals[1:]:
+        torch.testing.assert_close(v, vals[0][0], rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(gr, vals[0][1], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# same tokenizer: identity W == standard sparse top-k KD with a tail bucket
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["forward", "reverse"])
+def test_identity_projection_is_sparse_topk_kd_with_tail_bucket(variant):
+    from xtok.projection import ProjectionMatrix
+
+    B, T, V, k = 2, 6, 40, 5
+    g = torch.Generator().manual_seed(11)
+    t_logits = torch.randn(B, T, V, dtype=D64, generator=g) * 3
+    s_logits = torch.randn(B, T, V, dtype=D64, generator=g, requires_grad=True)
+    W = ProjectionMatrix.from_coo(np.arange(V), np.arange(V), np.ones(V), (V, V))
+    t_lp = torch.log_softmax(t_logits, -1)
+    top_lp, top_ids = t_lp.topk(k, dim=-1)
+    pids, pprobs = W.project(top_ids.reshape(-1, k), top_lp.exp().float().reshape(-1, k))
+    pids, pprobs = pids.reshape(B, T, -1), pprobs.reshape(B, T, -1)
+    keep = pids >= 0
+    tb = {"positions": torch.arange(T).repeat(B, 1), "mask": torch.ones(B, T, dtype=torch.bool),
+          "target_ids": torch.where(keep, pids, 0), "target_probs": torch.where(keep, pprobs, 0.0),
+          "tail_mass": (1 - top_lp.exp().sum(-1)).float(), "present": torch.ones(B, dtype=torch.bool)}
+    loss = CrossTokenizerKLLoss(variant, chunk_size=5)(s_logits, tb)
+    # direct sparse top-k KD with tail bucket, from the dense teacher logits
+    s_lp = torch.log_softmax(s_logits, -1)
+    p_t = top_lp.exp()
+    p_s = s_lp.gather(-1, top_ids).exp()
+    r_t, r_s = 1 - p_t.sum(-1), 1 - p_s.sum(-1)
+    if variant == "forward":
+        direct = (p_t * (top_lp - p_s.log())).sum(-1) + r_t * (r_t.log() - r_s.log())
+    else:
+        direct = (p_s * (p_s.log() - top_lp)).sum(-1) + r_s * (r_s.log() - r_t.log())
+    direct = direct.mean()
+    torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-6)  # teacher probs went through float32
+    g1 = torch.autograd.grad(loss, s_logits)[0]
+    g2 = torch.autograd.grad(direct, s_logits)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_tail_bucket_vs_biased_topk_renormalisation():
+    """The public top-k estimator (teacher renormalised over top-k vs full-vocab student) is not zero
+    at the teacher; ours is, and ours is minimised there."""
+    V, k = 50, 4
+    t = torch.randn(V, dtype=D64) * 2
+    lp = torch.log_softmax(t, 0)
+    top_lp, ids = lp.topk(k)
+    biased = (top_lp.exp() / top_lp.exp().sum() * (top_lp - torch.log(top_lp.exp().sum()) - lp[ids])).sum()
+    assert biased > 1e-3
+    tb = {"positions": torch.zeros(1, 1, dtype=torch.long), "mask": torch.ones(1, 1, dtype=torch.bool),
+          "target_ids": ids[None, None], "target_probs": top_lp.exp()[None, None],
+          "tail_mass": 1 - top_lp.exp().sum()[None, None], "present": torch.ones(1, dtype=torch.bool)}
+    assert abs(float(CrossTokenizerKLLoss()(t[None, None], tb))) < 1e-12
+    # gradient descent from a random student recovers the teacher's cells
+    z = torch.zeros(1, 1, V, dtype=D64, requires_grad=True)
+    opt = torch.optim.LBFGS([z], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = CrossTokenizerKLLoss()(z, tb)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    s = torch.softmax(z.detach()[0, 0], 0)
+    torch.testing.assert_close(s[ids], top_lp.exp(), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# ChunkLikelihoodLoss, SFTLoss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,tau", [("forward", 1.0), ("forward", 2.5), ("reverse", 1.0)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunk_loss_matches_reference(variant, tau, fused):
+    B, T, V, H = 3, 8, 13, 5
+    batch = make_batch(B, T, V, seed=12, teachers=("a",))
+    tb = batch["teachers"]["a"]
+    tb["present"][2] = False
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    z = (h @ W.t()).detach().requires_grad_(True)
+    f = ChunkLikelihoodLoss(variant, tau=tau, chunk_size=3)
+    if fused:
+        loss, inputs, logits = f((h, W), tb, batch["input_ids"]), (h, W), h @ W.t()
+    else:
+        loss, inputs, logits = f(z, tb, batch["input_ids"]), (z,), z
+    terms = ref_chunk_terms(logits, tb, batch["input_ids"], variant, tau)
+    assert len(terms) >= 2
+    ref = mean_of(terms)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["forward", "reverse"])
+def test_chunk_loss_gradcheck(variant):
+    B, T, V = 1, 6, 7
+    batch = make_batch(B, T, V, seed=26, teachers=("a",))
+    tb = batch["teachers"]["a"]
+    tb["chunk_mask"][:] = tb["chunk_spans"][..., 1] > 0
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(27), requires_grad=True)
+    f = ChunkLikelihoodLoss(variant, tau=1.7, chunk_size=2)
+    assert torch.autograd.gradcheck(lambda x: f(x, tb, batch["input_ids"]), (z,))
+
+
+def test_chunk_loss_zero_when_student_matches_teacher():
+    B, T, V = 1, 6, 11
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(14))
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(15))
+    lp = torch.log_softmax(z, -1)
+    spans = torch.tensor([[[1, 3], [3, 6]]])
+    tlp = torch.stack([lp[0, 0, ids[0, 1]] + lp[0, 1, ids[0, 2]], sum(lp[0, j - 1, ids[0, j]] for j in range(3, 6))])[None]
+    tb = {"chunk_spans": spans, "chunk_teacher_logprob": tlp, "chunk_mask": torch.ones(1, 2, dtype=torch.bool),
+          "present": torch.ones(1, dtype=torch.bool)}
+    zz = z.clone().requires_grad_(True)
+    loss = ChunkLikelihoodLoss(tau=1.5)(zz, tb, ids)
+    assert abs(loss.item()) < 1e-12
+    assert torch.autograd.grad(loss, zz)[0].abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sft_matches_cross_entropy(fused):
+    B, T, V, H = 3, 7, 17, 4
+    batch = make_batch(B, T, V, seed=16, teachers=())
+    g = torch.Generator().manual_seed(17)
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    z = (h @ W.t()).detach().requires_grad_(True)
+    labels = batch["labels"]
+    n = int((labels[:, 1:] != -100).sum())
+    loss, inputs, logits = (SFTLoss(chunk_size=4)((h, W), labels), (h, W), h @ W.t()) if fused else \
+        (SFTLoss(chunk_size=4)(z, labels), (z,), z)
+    ref = ref_sft_sum(logits, labels) / n
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    per = SFTLoss(reduction="none")(z, labels)
+    assert per.shape == (B, T) and (per[:, -1] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# MultiTeacherLossAggregator
+# ------------------------------------------------------------------------------------------------
+
+
+def agg_reference(logits, batch, cfg, sft_weight, renorm=False, per_component=False):
+    labels = batch["labels"]
+    D = int((labels[:, 1:] != -100).sum())
+    B = labels.shape[0]
+    names = list(cfg)
+    pres = torch.tensor([[bool(batch["teachers"][n]["present"][b]) if n in batch["teachers"] else False
+                          for n in names] for b in range(B)])
+    w = torch.tensor([cfg[n].weight for n in names], dtype=D64)
+    fac = [float(w.sum() / (pres[b].double() * w).sum()) if renorm and (pres[b].double() * w).sum() > 0 else 1.0
+           for b in range(B)]
+    total = sft_weight * ref_sft_sum(logits, labels) / D if sft_weight else 0.0
+    for n in names:
+        if n not in batch["teachers"]:
+            continue
+        c, tb = cfg[n], batch["teachers"][n]
+        kl = ref_kl_terms(logits, tb, c.kl.spec.variant, c.kl.spec.tau, c.kl.spec.beta)
+        kls = sum(fac[b] * d * c.kl.scale for (b, _), d in kl)
+        total = total + c.weight * kls / (max(len(kl), 1) if per_component else D)
+        if c.chunk_weight:
+            ch = ref_chunk_terms(logits, tb, batch["input_ids"], c.chunk.variant, c.chunk.tau)
+            total = total + c.chunk_weight * sum(fac[b] * d for (b, _), d in ch) / (max(len(ch), 1) if per_component else D)
+    return total
+
+
+@pytest.mark.parametrize("renorm,per_component,fused", [(False, False, False), (True, False, False),
+                                                        (False, True, False), (True, False, True)])
+def test_aggregator_matches_reference(renorm, per_component, fused):
+    B, T, V, H = 4, 8, 21, 5
+    batch = make_batch(B, T, V, seed=18, teachers=("a", "b"))
+    batch["teachers"]["a"]["present"][1] = False
+    batch["teachers"]["b"]["present"][2] = False
+    cfg = {"a": TeacherLoss(1.0, 0.4, CrossTokenizerKLLoss("forward", tau=2.0, tau_squared=True)),
+           "b": TeacherLoss(0.3, 0.0, CrossTokenizerKLLoss("reverse")),
+           "c": TeacherLoss(2.0, 1.0)}  # configured, not in the batch: absent everywhere
+    agg = MultiTeacherLossAggregator(cfg, sft_weight=0.5, renormalize_absent=renorm,
+                                     normalize="per_component" if per_component else "tokens", chunk_size=5)
+    g = torch.Generator().manual_seed(19)
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    z = (h @ W.t()).detach().requires_grad_(True)
+    student, inputs, logits = ((h, W), (h, W), h @ W.t()) if fused else (z, (z,), z)
+    loss, logs = agg(student, batch)
+    ref = agg_reference(logits, batch, cfg, 0.5, renorm, per_component)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert all(not v.requires_grad for v in logs.values())
+    assert {"loss", "sft", "kl/a", "kl/b", "chunk/a", "present/c"} <= set(logs)
+    assert float(logs["present/c"]) == 0.0 and float(logs["present/a"]) == 0.75
+
+
+def test_aggregator_absent_teacher_contributes_nothing_and_does_not_reweight():
+    B, T, V = 3, 7, 15
+    batch = make_batch(B, T, V, seed=20, teachers=("a", "b"))
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(21))
+    agg = MultiTeacherLossAggregator({"a": 1.0, "b": 1.0}, sft_weight=1.0)
+    full, logs_full = agg(z, batch)
+    # b absent for example 0: total drops by exactly b's example-0 terms; a's and sft unchanged
+    batch2 = {**batch, "teachers": {**batch["teachers"], "b": {**batch["teachers"]["b"]}}}
+    batch2["teachers"]["b"]["present"] = torch.tensor([False, True, True])
+    part, logs_part = agg(z, batch2)
+    D = int((batch["labels"][:, 1:] != -100).sum())
+    b0 = sum(d for (b, _), d in ref_kl_terms(z, batch["teachers"]["b"], "forward") if b == 0)
+    assert b0 > 0
+    torch.testing.assert_close(full - part, b0 / D, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logs_full["kl/a"], logs_part["kl/a"], rtol=0, atol=0)
+    torch.testing.assert_close(logs_full["sft"], logs_part["sft"], rtol=0, atol=0)
+    # all teachers absent: loss == sft only, and it still back-propagates
+    x = z.clone().requires_grad_(True)
+    none = {**batch, "teachers": {}}
+    loss, logs = MultiTeacherLossAggregator({"a": 1.0}, sft_weight=1.0)(x, none)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_sft_sum(z, batch["labels"]) / D)
+    # nothing at all to train: a zero loss that still has a graph
+    empty = {**none, "labels": torch.full((B, T), -100)}
+    loss, _ = MultiTeacherLossAggregator({"a": 1.0}, sft_weight=1.0)(x, empty)
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_losses_hold_no_state():
+    agg = MultiTeacherLossAggregator({"a": 1.0}, sft_weight=1.0)
+    assert list(agg.parameters()) == [] and list(agg.buffers()) == []
+    assert agg.state_dict() == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 autocast, memory shape of the computation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_logits_and_fused():
+    B, T, V, H = 2, 8, 64, 16
+    batch = make_batch(B, T, V, seed=22, teachers=("a",), dtype=torch.float32)
+    g = torch.Generator().manual_seed(23)
+    lin = torch.nn.Linear(H, V, bias=False)
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    agg = MultiTeacherLossAggregator({"a": TeacherLoss(1.0, 0.5, CrossTokenizerKLLoss("jsd"))}, sft_weight=1.0, chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lin(h)
+        assert logits.dtype == torch.bfloat16
+        loss, _ = agg(logits, batch)
+        loss_f, _ = agg((h, lin.weight), batch)
+    assert loss.dtype == torch.float32 and loss_f.dtype == torch.float32
+    # same maths in fp64 from the same bf16 logits / fp32 fused logits
+    ref = agg_reference(logits.detach().double(), batch, agg.teachers, 1.0)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    ref_f = agg_reference((h @ lin.weight.t()).detach().double(), batch, agg.teachers, 1.0)
+    torch.testing.assert_close(loss_f.double(), ref_f, rtol=1e-5, atol=1e-5)
+    gl = torch.autograd.grad(loss, logits)[0]
+    assert gl.dtype == torch.bfloat16
+    gh, gw = torch.autograd.grad(loss_f, (h, lin.weight))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+class _MaxNumel(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel, self.fp32_big = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+                if t.dtype == torch.float32:
+                    self.fp32_big = max(self.fp32_big, t.numel())
+        return out
+
+
+def test_fused_never_materialises_full_logits_and_logits_path_no_fp32_copy():
+    B, T, V, H, cs = 2, 64, 512, 8, 16
+    batch = make_batch(B, T, V, seed=24, teachers=("a",), dtype=torch.float32)
+    batch["teachers"]["a"] = make_teacher(B, T, V, 48, 4, seed=25, dtype=torch.float32, masked_frac=0.0)
+    agg = MultiTeacherLossAggregator({"a": TeacherLoss(1.0, 0.5)}, sft_weight=1.0, chunk_size=cs)
+    h = torch.randn(B, T, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    with _MaxNumel() as m:
+        loss, _ = agg((h, W), batch)
+        loss.backward()
+    # biggest tensor: a few chunks' worth of rows x V (or W's grad), never B*T*V
+    assert m.max_numel <= max(2 * cs * V, V * H) < B * T * V
+    z = (h @ W.t()).detach().to(torch.bfloat16).requires_grad_(True)
+    with _MaxNumel() as m:
+        loss, _ = agg(z, batch)
+        loss.backward()
+    assert m.fp32_big <= 2 * cs * V  # no fp32 [B,T,V] (the bf16 grad of the logits is the only full one)
