@@ -1,0 +1,98 @@
+"""`xtok extract`: run a teacher over a dataset and store its top-k log-probs (resumable, sharded)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _shard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter("need 0 <= i < N")
+    return i, n
+
+
+@click.command("extract")
+@click.option("--model", "-m", required=True, help="Teacher: a transformers causal-LM folder (config.json + weights) "
+              "or a hub id.")
+@click.option("--dataset", "-d", required=True, help="A .jsonl/.json/.parquet/.arrow file, a folder of them, a "
+              "`save_to_disk` folder, or a hub dataset id.")
+@click.option("--output", "-o", required=True, help="Store folder (local path or fsspec URL). Re-running the same "
+              "command resumes; other settings need a new folder or --overwrite.")
+@click.option("--tokenizer", default=None, help="Tokenizer (folder, tokenizer.json, .model, Tekken .json, "
+              "mistral-common:<file>); default: the model folder.")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets and save_to_disk "
+              "folders).")
+@click.option("--text-column", default=None, help="Column with plain text (default: 'text').")
+@click.option("--messages-column", default=None, help="Column with chat messages [{role, content}] (default: "
+              "'messages' when present; 'user'+'assistant' columns also work).")
+@click.option("--key-column", default=None, help="Column with the example key (default: 'id' or 'key' when present, "
+              "else sha256 of the row's content).")
+@click.option("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's own, else a "
+              "built-in one).")
+@click.option("--targets", type=click.Choice(["auto", "assistant", "all"]), default="auto", show_default=True,
+              help="Positions that get teacher targets: assistant tokens only (chats), every token, or auto "
+              "(assistant for chats, all for text).")
+@click.option("--add-bos/--no-add-bos", default=None, help="Text datasets: prepend the BOS token (default: when the "
+              "tokenizer has one).")
+@click.option("--max-length", default=4096, show_default=True, help="Examples longer than this many tokens are "
+              "skipped and counted.")
+@click.option("--limit", default=None, type=int, help="Use only the first N dataset rows.")
+@click.option("--top-k", "-k", default=32, show_default=True, help="Teacher log-probs stored per position.")
+@click.option("--top-p", default=None, type=float, help="Nucleus cap: keep the smallest prefix of the top-k with "
+              "mass >= p (k is the maximum).")
+@click.option("--sample-tail", default=0, show_default=True, help="Also store m tail token ids drawn with replacement "
+              "from the teacher's distribution beyond the top-k (each stands for tail_mass/m).")
+@click.option("--temperature", default=1.0, show_default=True, help="Divide the teacher's logits by this first.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model weights dtype (auto: the checkpoint's on CUDA, float32 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, cuda:LOCAL_RANK under "
+              "torchrun), cpu, cuda, cuda:1...")
+@click.option("--token-budget", default=16384, show_default=True, help="Padded tokens per batch (length-sorted "
+              "batching).")
+@click.option("--shard-size", default=1024, show_default=True, help="Examples per shard file (unit of resume).")
+@click.option("--chunk-mb", default=256, show_default=True, help="Device memory for one chunk of output-layer logits.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the sampled tail (per example, reproducible).")
+@click.option("--shard", "shard", default=None, callback=_shard, help="i/N: process only this rank's part "
+              "(default: RANK/WORLD_SIZE under torchrun, else 0/1). Every rank writes its own shards; the last one "
+              "to finish merges the manifest.")
+@click.option("--skip-empty", is_flag=True, help="Skip (and count) rows with empty text instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with different settings at --output.")
+@click.option("--max-vocab-padding", default=4096, show_default=True, help="Largest accepted excess of model output "
+              "rows over the tokenizer's vocabulary (padded embeddings; those ids are excluded).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract_cmd(**kw):
+    """Run a teacher model over a dataset and store, per target position, its top-k log-probs
+    (exactly normalised), tail mass, the realised token's log-prob, word-start mass and optional
+    sampled tail ids. Output: parquet shards + manifest.json (see docs/formats.md).
+
+    Kill it at any moment and run the same command again: it resumes and every example ends up in
+    the store exactly once.
+    """
+    from xtok.extract import ExtractConfig, ExtractError, extract
+    from xtok.store import StoreError
+
+    quiet = kw.pop("quiet")
+    cfg = ExtractConfig(**kw, progress=not quiet)
+    try:
+        res = extract(cfg)
+    except (ExtractError, StoreError) as e:
+        raise click.ClickException(str(e))
+    st = res["stats"]
+    man = res["manifest"]
+    msg = {"rank": res["rank"], "world": res["world"], "new_examples": st["examples"], "positions": st["positions"],
+           "tokens": st["tokens"], "skipped_too_long": st["too_long"], "skipped_no_targets": st["no_targets"],
+           "duplicates": st["duplicates"], "empty": st["empty"], "seconds": round(st["seconds"], 2)}
+    if man is not None:
+        msg["store_examples"] = man["n_examples"]
+        msg["complete"] = True
+    else:
+        msg["complete"] = False
+        msg["note"] = "other ranks still running; the last to finish writes manifest.json"
+    click.echo(json.dumps(msg))

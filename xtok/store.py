@@ -1,0 +1,623 @@
+"""The teacher store: what `xtok extract` writes and the collator reads.
+
+Layout of a store at PATH (a local folder or any fsspec URL):
+
+    PATH/manifest.json                     merged manifest (written last; its presence = store complete)
+    PATH/parts/r{rank}of{N}.json           one per writer rank: its committed shards (updated after each shard)
+    PATH/shards/r{rank}of{N}-{j:05d}.parquet   zstd parquet, one row per example
+
+Every shard is written to a temporary name and renamed into place (atomic), then the rank's part
+manifest is rewritten the same way. A shard file that exists is complete; a crash between the
+rename and the part update is repaired on resume (the shard is adopted from its own key column).
+
+Per example (see docs/formats.md for the byte layout and the error bounds):
+
+    key, text (the rendered text the teacher read), input_ids int32 [T], positions int32 [P],
+    topk_ids int32 [P, k] (-1 = padding under top-p), topk_logprobs float32 [P, k],
+    tail_mass float32 [P], target_logprob float32 [P], word_start_mass float32 [P],
+    tail_ids int32 [P, m] (optional; each stands for tail_mass / m).
+
+Quantisation: top-k log-probs are stored relative to the top-1 entry, d_i = lp_0 - lp_i >= 0, as
+uint8 codes on a square-root grid c_i = round(sqrt(d_i) / h) (h = sqrt(D_MAX) / 254, D_MAX = 20 nats,
+code 255 = beyond D_MAX), delta-coded along k (codes are monotone). The top-1 code is always 0 and
+is not stored. The exact tail mass r = 1 - sum_i p_i (from the full-vocab log-sum-exp) is stored as
+float32, and decoding rescales the dequantised top-k probabilities to sum to exactly 1 - r, so
+`tail_mass == 1 - sum(exp(topk_logprobs))` holds for what the reader returns.
+Ids are packed as 16 low bits + 2 high bits (2.25 bytes per id) for vocabularies <= 262,144,
+as uint16 for <= 65,536, and as uint32 above.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION", "TeacherExample", "TeacherStore", "StoreWriter", "StoreError", "example_key",
+    "quantize_logprobs", "dequantize_logprobs", "pack_ids", "unpack_ids", "encode_example", "merge_manifests",
+    "D_MAX", "QSTEP",
+]
+
+FORMAT_VERSION = 1
+D_MAX = 20.0                      # nats below the top-1 covered by the grid
+QSTEP = float(np.sqrt(D_MAX) / 254.0)  # sqrt-grid step: d(c) = (c * QSTEP)^2, c in 0..254; 255 = beyond
+_ID_NONE = -1
+
+
+class StoreError(ValueError):
+    """A store that cannot be read or written; the message names the path and the fix."""
+
+
+# ------------------------------------------------------------------------------------------
+# Example keys
+# ------------------------------------------------------------------------------------------
+
+
+def example_key(row: Mapping, key_column: str | None = None) -> str:
+    """The key of a dataset row: str(row[key_column]) when given, else the `id` or `key` column
+    when present and not None, else sha256 (hex) of the row's content: the `messages` list (or
+    `text` string, or {"user", "assistant"} columns) serialised as JSON with sorted keys and
+    ensure_ascii=False (a `text` string is hashed as its UTF-8 bytes)."""
+    if key_column is not None:
+        if key_column not in row or row[key_column] is None:
+            raise KeyError(f"key column {key_column!r} missing in row")
+        return str(row[key_column])
+    for c in ("id", "key"):
+        if c in row and row[c] is not None:
+            return str(row[c])
+    if row.get("messages") is not None:
+        content: Any = row["messages"]
+    elif row.get("text") is not None:
+        content = row["text"]
+    else:
+        content = {c: row.get(c) for c in ("user", "assistant") if c in row}
+    blob = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------
+
+
+def pack_ids(ids: np.ndarray, vocab_size: int) -> bytes:
+    """Pack non-negative ids < vocab_size (any shape, flattened): uint16 for V <= 65536; 16 low bits +
+    2 high bits (4 per byte) for V <= 262144; uint32 above. Padding ids (-1) must be mapped first."""
+    a = np.ascontiguousarray(ids, dtype=np.int64).ravel()
+    if vocab_size <= 1 << 16:
+        return a.astype("<u2").tobytes()
+    if vocab_size <= 1 << 18:
+        lo = (a & 0xFFFF).astype("<u2")
+        hi = (a >> 16).astype(np.uint8)
+        pad = (-hi.size) % 4
+        if pad:
+            hi = np.concatenate([hi, np.zeros(pad, np.uint8)])
+        h4 = hi.reshape(-1, 4)
+        packed = (h4[:, 0] | (h4[:, 1] << 2) | (h4[:, 2] << 4) | (h4[:, 3] << 6)).astype(np.uint8)
+        return lo.tobytes() + packed.tobytes()
+    return a.astype("<u4").tobytes()
+
+
+def unpack_ids(buf, n: int, vocab_size: int) -> np.ndarray:
+    """Inverse of pack_ids: int32 [n]."""
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if vocab_size <= 1 << 16:
+        return b[: 2 * n].view("<u2").astype(np.int32)
+    if vocab_size <= 1 << 18:
+        lo = b[: 2 * n].view("<u2").astype(np.int32)
+        packed = b[2 * n:]
+        hi = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).ravel()[:n].astype(np.int32)
+        return lo | (hi << 16)
+    return b[: 4 * n].view("<u4").astype(np.int32)
+
+
+def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
+    """lp float [P, k] sorted descending along k -> uint8 codes [P, k] (codes[:, 0] == 0), monotone."""
+    lp = np.asarray(lp, dtype=np.float64)
+    d = np.maximum(lp[:, :1] - lp, 0.0)
+    c = np.rint(np.sqrt(d) / QSTEP)
+    c = np.where(np.isfinite(c), np.minimum(c, 255), 255)
+    return c.astype(np.uint8)
+
+
+def dequantize_logprobs(codes: np.ndarray, tail_mass: np.ndarray, n_kept: np.ndarray | None = None) -> np.ndarray:
+    """codes uint8 [P, k] + exact tail mass [P] -> float32 log-probs [P, k] whose probabilities sum to
+    exactly 1 - tail_mass (entries j >= n_kept are -inf)."""
+    c = codes.astype(np.float64)
+    d = np.where(codes >= 255, D_MAX + 4.0, (c * QSTEP) ** 2)  # 255: beyond the grid, taken as D_MAX + 4
+    rel = -d
+    if n_kept is not None:
+        j = np.arange(codes.shape[1])[None, :]
+        rel = np.where(j < n_kept[:, None], rel, -np.inf)
+    m = np.log(np.maximum(1.0 - np.asarray(tail_mass, np.float64), 1e-300))
+    lse = np.log(np.exp(rel).sum(axis=1))
+    return (rel + (m - lse)[:, None]).astype(np.float32)
+
+
+def _runs(positions: np.ndarray) -> np.ndarray:
+    """Sorted positions -> int32 [(start, end)] runs of consecutive values."""
+    p = np.asarray(positions, dtype=np.int64)
+    if p.size == 0:
+        return np.zeros((0, 2), np.int32)
+    brk = np.nonzero(np.diff(p) != 1)[0]
+    starts = np.concatenate([[p[0]], p[brk + 1]])
+    ends = np.concatenate([p[brk] + 1, [p[-1] + 1]])
+    return np.stack([starts, ends], axis=1).astype(np.int32)
+
+
+def _from_runs(runs: np.ndarray) -> np.ndarray:
+    if runs.size == 0:
+        return np.zeros(0, np.int32)
+    lens = runs[:, 1] - runs[:, 0]
+    base = np.repeat(runs[:, 0] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return (base + np.arange(int(lens.sum()))).astype(np.int32)
+
+
+def encode_example(key: str, text: str, input_ids, positions, topk_ids, topk_codes, tail_mass, target_logprob,
+                   word_start_mass, vocab_size: int, tail_ids=None, n_kept=None) -> dict:
+    """One shard row. topk_codes: uint8 [P, k] from quantize_logprobs (monotone along k)."""
+    P, k = topk_codes.shape
+    deltas = np.diff(topk_codes.astype(np.int16), axis=1).astype(np.uint8)  # [P, k-1], codes[:, 0] == 0
+    tid = np.asarray(topk_ids, dtype=np.int64)
+    row = {
+        "key": key, "text": text,
+        "n_tokens": int(len(input_ids)), "n_positions": int(P),
+        "input_ids": pack_ids(input_ids, vocab_size),
+        "position_runs": _runs(positions).astype("<i4").tobytes(),
+        "topk_ids": pack_ids(np.where(tid < 0, 0, tid), vocab_size),
+        "topk_codes": deltas.tobytes(),
+        "n_kept": b"" if n_kept is None else np.asarray(n_kept, np.uint16).astype("<u2").tobytes(),
+        "tail_mass": np.asarray(tail_mass, "<f4").tobytes(),
+        "target_logprob": np.asarray(target_logprob, "<f2").tobytes(),
+        "word_start_mass": np.asarray(word_start_mass, "<f2").tobytes(),
+        "tail_ids": b"" if tail_ids is None else pack_ids(np.where(np.asarray(tail_ids) < 0, 0, tail_ids), vocab_size),
+        "tail_none": b"" if tail_ids is None else np.packbits(np.asarray(tail_ids) < 0).tobytes(),
+    }
+    return row
+
+
+_SCHEMA = None
+
+
+def _schema():
+    global _SCHEMA
+    if _SCHEMA is None:
+        import pyarrow as pa
+
+        b = pa.binary()
+        _SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("n_tokens", pa.int32()),
+                             ("n_positions", pa.int32()), ("input_ids", b), ("position_runs", b), ("topk_ids", b),
+                             ("topk_codes", b), ("n_kept", b), ("tail_mass", b), ("target_logprob", b),
+                             ("word_start_mass", b), ("tail_ids", b), ("tail_none", b)])
+    return _SCHEMA
+
+
+# ------------------------------------------------------------------------------------------
+# Decoded example
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherExample:
+    key: str
+    text: str
+    input_ids: np.ndarray        # int32 [T]
+    positions: np.ndarray        # int32 [P] output positions (distribution of input_ids[p + 1])
+    topk_ids: np.ndarray         # int32 [P, k]   (-1 = padding under top-p)
+    topk_logprobs: np.ndarray    # float32 [P, k] (-inf at padding)
+    tail_mass: np.ndarray        # float32 [P]
+    target_logprob: np.ndarray   # float32 [P]
+    word_start_mass: np.ndarray  # float32 [P]
+    tail_ids: np.ndarray | None = None  # int32 [P, m]
+    topk_codes: np.ndarray | None = field(default=None, repr=False)  # uint8 [P, k] raw codes
+
+    def to_tensors(self, device=None) -> dict:
+        import torch
+
+        out = {n: torch.as_tensor(getattr(self, n), device=device) for n in
+               ("input_ids", "positions", "topk_ids", "topk_logprobs", "tail_mass", "target_logprob", "word_start_mass")}
+        if self.tail_ids is not None:
+            out["tail_ids"] = torch.as_tensor(self.tail_ids, device=device)
+        return out
+
+
+def _decode_row(cols: dict, i: int, k: int, m: int, vocab_size: int) -> TeacherExample:
+    def raw(name):
+        arr = cols[name]
+        off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+        data = arr.buffers()[2]
+        if data is None:
+            return b""
+        return memoryview(data)[off[i]: off[i + 1]]
+
+    T = int(cols["n_tokens"][i].as_py())
+    P = int(cols["n_positions"][i].as_py())
+    runs = np.frombuffer(raw("position_runs"), dtype="<i4").reshape(-1, 2)
+    tail = np.frombuffer(raw("tail_mass"), dtype="<f4").astype(np.float32)
+    deltas = np.frombuffer(raw("topk_codes"), dtype=np.uint8).reshape(P, max(k - 1, 0))
+    codes = np.zeros((P, k), np.uint8)
+    if k > 1:
+        np.cumsum(deltas, axis=1, dtype=np.uint8, out=codes[:, 1:])
+    nk_raw = raw("n_kept")
+    n_kept = np.frombuffer(nk_raw, dtype="<u2").astype(np.int64) if len(nk_raw) else None
+    ids = unpack_ids(raw("topk_ids"), P * k, vocab_size).reshape(P, k)
+    if n_kept is not None:
+        ids[np.arange(k)[None, :] >= n_kept[:, None]] = _ID_NONE
+    tail_ids = None
+    tr = raw("tail_ids")
+    if len(tr):
+        tail_ids = unpack_ids(tr, P * m, vocab_size).reshape(P, m)
+        none = np.unpackbits(np.frombuffer(raw("tail_none"), np.uint8))[: P * m].reshape(P, m).astype(bool)
+        tail_ids[none] = _ID_NONE
+    return TeacherExample(
+        key=cols["key"][i].as_py(), text=cols["text"][i].as_py(),
+        input_ids=unpack_ids(raw("input_ids"), T, vocab_size), positions=_from_runs(runs),
+        topk_ids=ids, topk_logprobs=dequantize_logprobs(codes, tail, n_kept), tail_mass=tail,
+        target_logprob=np.frombuffer(raw("target_logprob"), dtype="<f2").astype(np.float32),
+        word_start_mass=np.frombuffer(raw("word_start_mass"), dtype="<f2").astype(np.float32),
+        tail_ids=tail_ids, topk_codes=codes)
+
+
+# ------------------------------------------------------------------------------------------
+# Filesystem helpers (local paths or fsspec URLs)
+# ------------------------------------------------------------------------------------------
+
+
+def _fs(path: str):
+    path = str(path)
+    if "://" not in path:
+        return None, os.path.abspath(os.path.expanduser(path))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs, root
+
+
+def _join(*a):
+    return "/".join(s.rstrip("/") for s in a)
+
+
+class _IO:
+    def __init__(self, path):
+        self.url = str(path)
+        self.fs, self.root = _fs(path)
+
+    def p(self, *rel):
+        return _join(self.root, *rel)
+
+    def exists(self, rel):
+        return os.path.exists(self.p(rel)) if self.fs is None else self.fs.exists(self.p(rel))
+
+    def makedirs(self, rel=""):
+        if self.fs is None:
+            os.makedirs(self.p(rel) if rel else self.root, exist_ok=True)
+        else:
+            self.fs.makedirs(self.p(rel) if rel else self.root, exist_ok=True)
+
+    def listdir(self, rel):
+        if not self.exists(rel):
+            return []
+        if self.fs is None:
+            return sorted(os.listdir(self.p(rel)))
+        return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in self.fs.ls(self.p(rel), detail=False))
+
+    def read_bytes(self, rel) -> bytes:
+        if self.fs is None:
+            with open(self.p(rel), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.p(rel))
+
+    def write_atomic(self, rel, data: bytes):
+        """Write to a unique temporary name next to the target, then rename over it."""
+        dst = self.p(rel)
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+        if self.fs is None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        else:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, dst)
+
+    def remove(self, rel):
+        if self.fs is None:
+            os.remove(self.p(rel))
+        else:
+            self.fs.rm(self.p(rel))
+
+    def open_parquet(self, rel):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.fs is None:
+            return pq.ParquetFile(pa.memory_map(self.p(rel), "r"))
+        return pq.ParquetFile(self.fs.open(self.p(rel), "rb"))
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------
+# Writer
+# ------------------------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Writes the shards of one rank. `header`: manifest fields shared by all ranks (format, model,
+    tokenizer hash, options, dataset fingerprint...). Resuming: `committed()` names the shards already
+    complete; `write_shard(j, rows)` commits shard j atomically and then updates this rank's part."""
+
+    def __init__(self, path, header: dict, rank: int = 0, world: int = 1, overwrite: bool = False):
+        self.io = _IO(path)
+        self.header = dict(header, format_version=FORMAT_VERSION)
+        self.rank, self.world = int(rank), int(world)
+        self.tag = f"r{self.rank:03d}of{self.world:03d}"
+        self.io.makedirs()
+        self.io.makedirs("shards")
+        self.io.makedirs("parts")
+        if self.io.exists("manifest.json") or self.io.listdir("parts"):
+            self._check_compatible(overwrite)
+        self.part_rel = f"parts/{self.tag}.json"
+        self.part = {"rank": self.rank, "world": self.world, "complete": False, "shards": {},
+                     "skipped": {}, "header": self.header}
+        if self.io.exists(self.part_rel):
+            old = json.loads(self.io.read_bytes(self.part_rel))
+            self.part["shards"] = old.get("shards", {})
+            self.part["skipped"] = old.get("skipped", {})
+        self._adopt_orphans()
+
+    def _check_compatible(self, overwrite: bool):
+        heads = []
+        if self.io.exists("manifest.json"):
+            heads.append(json.loads(self.io.read_bytes("manifest.json")).get("header", {}))
+        for name in self.io.listdir("parts"):
+            if name.endswith(".json"):
+                heads.append(json.loads(self.io.read_bytes(f"parts/{name}")).get("header", {}))
+        for h in heads:
+            diff = sorted(k for k in set(h) | set(self.header) if h.get(k) != self.header.get(k)
+                          and k not in ("created", "xtok_version"))
+            if diff:
+                if overwrite:
+                    self._wipe()
+                    return
+                raise StoreError(
+                    f"{self.io.url}: a store made with different settings is already there (differs in: "
+                    f"{', '.join(diff)}). Use a new --output, or --overwrite to replace it.")
+
+    def _wipe(self):
+        for d in ("shards", "parts"):
+            for name in self.io.listdir(d):
+                self.io.remove(f"{d}/{name}")
+        if self.io.exists("manifest.json"):
+            self.io.remove("manifest.json")
+
+    def shard_rel(self, j: int) -> str:
+        return f"shards/{self.tag}-{j:05d}.parquet"
+
+    def _adopt_orphans(self):
+        """Shards renamed into place whose part update did not happen (crash in between): adopt them.
+        Leftover temporary files of this rank are deleted."""
+        changed = False
+        for name in self.io.listdir("shards"):
+            if not name.startswith(self.tag + "-"):
+                continue
+            if ".tmp-" in name:
+                self.io.remove(f"shards/{name}")
+                continue
+            j = name[len(self.tag) + 1:].split(".")[0]
+            if j not in self.part["shards"]:
+                pf = self.io.open_parquet(f"shards/{name}")
+                keys = pf.read(columns=["key"]).column("key").to_pylist()
+                self.part["shards"][j] = {"file": f"shards/{name}", "keys": keys, "n": len(keys)}
+                changed = True
+        for name in self.io.listdir("parts"):
+            if ".tmp-" in name and name.startswith(self.tag):
+                self.io.remove(f"parts/{name}")
+        if changed:
+            self._write_part()
+
+    def committed(self) -> set[int]:
+        return {int(j) for j in self.part["shards"]}
+
+    def write_shard(self, j: int, rows: list[dict], skipped: dict | None = None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(rows, schema=_schema())
+        avg = max(1, table.nbytes // max(1, len(rows)))
+        rg = int(max(1, min(len(rows), (1 << 21) // avg)))  # ~2 MB row groups: O(1) random access
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", compression_level=6, row_group_size=rg,
+                       use_dictionary=False, write_statistics=False)
+        rel = self.shard_rel(j)
+        self.io.write_atomic(rel, sink.getvalue().to_pybytes())
+        self.part["shards"][f"{j:05d}"] = {"file": rel, "keys": [r["key"] for r in rows], "n": len(rows)}
+        if skipped:
+            self.part["skipped"][f"{j:05d}"] = skipped
+        self._write_part()
+
+    def _write_part(self):
+        self.part["shards"] = dict(sorted(self.part["shards"].items()))
+        self.io.write_atomic(self.part_rel, _json_bytes(self.part))
+
+    def finish(self, stats: dict | None = None) -> dict | None:
+        """Mark this rank complete; merge all parts into manifest.json when every rank is complete.
+        Returns the merged manifest, or None while other ranks are still running."""
+        self.part["complete"] = True
+        if stats:
+            self.part["stats"] = stats
+        self._write_part()
+        return merge_manifests(self.io.url, require_complete=True, quiet=True)
+
+
+def merge_manifests(path, require_complete: bool = True, quiet: bool = False) -> dict | None:
+    """Merge the rank parts of the store at `path` into manifest.json (atomic). Returns the manifest;
+    with quiet=True returns None instead of raising while some rank is missing or incomplete."""
+    io = _IO(path)
+    parts = [json.loads(io.read_bytes(f"parts/{n}")) for n in io.listdir("parts")
+             if n.endswith(".json") and ".tmp-" not in n]
+    if not parts:
+        raise StoreError(f"{io.url}: no parts/*.json; not a teacher store written by `xtok extract`.")
+    world = parts[0]["world"]
+    ranks = {p["rank"] for p in parts if p["world"] == world}
+    done = {p["rank"] for p in parts if p["world"] == world and p.get("complete")}
+    if require_complete and (len(done) < world):
+        if quiet:
+            return None
+        missing = sorted(set(range(world)) - done)
+        raise StoreError(f"{io.url}: ranks {missing} of {world} have not finished (present: {sorted(ranks)}). "
+                         "Run the same `xtok extract` command for them (it resumes).")
+    shards, skipped, stats = [], {}, {}
+    for p in sorted(parts, key=lambda p: p["rank"]):
+        for j, s in p["shards"].items():
+            shards.append({"file": s["file"], "n": s["n"], "keys": s["keys"]})
+        for sk in p.get("skipped", {}).values():
+            for k, v in sk.items():
+                skipped[k] = skipped.get(k, 0) + v
+        for k, v in (p.get("stats") or {}).items():
+            if isinstance(v, (int, float)):
+                stats[k] = stats.get(k, 0) + v
+    man = dict(parts[0]["header"])
+    man.update({"world": world, "n_examples": sum(s["n"] for s in shards), "skipped": skipped, "stats": stats,
+                "shards": shards})
+    io.write_atomic("manifest.json", _json_bytes(man))
+    return man
+
+
+# ------------------------------------------------------------------------------------------
+# Reader
+# ------------------------------------------------------------------------------------------
+
+
+class TeacherStore:
+    """Random access to a teacher store: `store[key]` or `store[i]` -> TeacherExample, O(1): a key ->
+    (shard, row) index built from the manifest, shards memory-mapped, one ~2 MB row group decoded
+    per miss (small LRU cache). Iteration goes shard by shard. Safe to pickle (reopens lazily)."""
+
+    def __init__(self, path, cache_row_groups: int = 8):
+        self.path = str(path)
+        self.io = _IO(self.path)
+        try:
+            raw = self.io.read_bytes("manifest.json")
+        except (FileNotFoundError, OSError) as e:
+            hint = (" The extraction has not finished: run the same `xtok extract` command again (it resumes)."
+                    if self.io.exists("parts") else " Point it at the --output folder of `xtok extract`.")
+            raise StoreError(f"{self.path}: no manifest.json ({getattr(e, 'strerror', e)}).{hint}") from None
+        try:
+            self.manifest = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{self.path}/manifest.json: not valid JSON ({e}); re-run `xtok extract` to rewrite it.")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {self.manifest.get('format_version')} but this xtok reads "
+                             f"{FORMAT_VERSION}; re-extract or use a matching xtok version.")
+        self.top_k = int(self.manifest["top_k"])
+        self.sample_tail = int(self.manifest.get("sample_tail") or 0)
+        self.vocab_size = int(self.manifest["vocab_size"])
+        shards = self.manifest["shards"]
+        self._files = [s["file"] for s in shards]
+        self._keys: list[str] = [k for s in shards for k in s["keys"]]
+        counts = np.array([s["n"] for s in shards], dtype=np.int64)
+        self._shard_start = np.concatenate([[0], np.cumsum(counts)])
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        self._cache_n = cache_row_groups
+        self._init_runtime()
+
+    def _init_runtime(self):
+        self._pf: dict[int, Any] = {}
+        self._rg_start: dict[int, np.ndarray] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for k in ("_pf", "_rg_start", "_cache", "_lock"):
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._init_runtime()
+
+    # -- access ------------------------------------------------------------------------------
+    def __len__(self):
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key):
+        return key in self._index
+
+    @property
+    def temperature(self):
+        return self.manifest.get("temperature")
+
+    def index_of(self, key: str) -> int:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"example key {key!r} is not in the store {self.path}") from None
+
+    def __getitem__(self, item) -> TeacherExample:
+        if isinstance(item, (int, np.integer)):
+            i = int(item)
+            if i < 0:
+                i += len(self)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {item} out of range for a store of {len(self)} examples")
+        else:
+            i = self.index_of(str(item))
+        s = int(np.searchsorted(self._shard_start, i, side="right") - 1)
+        return self._row(s, i - int(self._shard_start[s]))
+
+    def get(self, key, default=None):
+        return self[key] if key in self._index else default
+
+    def __iter__(self) -> Iterator[TeacherExample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def _parquet(self, s: int):
+        pf = self._pf.get(s)
+        if pf is None:
+            try:
+                pf = self.io.open_parquet(self._files[s])
+            except (OSError, FileNotFoundError) as e:
+                raise StoreError(f"{self.path}/{self._files[s]}: cannot open shard ({e}); the store is damaged, "
+                                 "re-run `xtok extract` with the same options to rewrite missing shards.") from None
+            md = pf.metadata
+            self._rg_start[s] = np.concatenate([[0], np.cumsum([md.row_group(g).num_rows
+                                                                for g in range(md.num_row_groups)])])
+            self._pf[s] = pf
+        return pf
+
+    def _row(self, s: int, r: int) -> TeacherExample:
+        with self._lock:
+            pf = self._parquet(s)
+            starts = self._rg_start[s]
+            g = int(np.searchsorted(starts, r, side="right") - 1)
+            cols = self._cache.get((s, g))
+            if cols is None:
+                t = pf.read_row_group(g)
+                cols = {n: t.column(n).combine_chunks() for n in t.column_names}
+                self._cache[(s, g)] = cols
+                if len(self._cache) > self._cache_n:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end((s, g))
+        return _decode_row(cols, r - int(starts[g]), self.top_k, self.sample_tail, self.vocab_size)
+
+    def __repr__(self):
+        return (f"TeacherStore({self.path!r}, examples={len(self)}, model={self.manifest.get('model')!r}, "
+                f"top_k={self.top_k}, sample_tail={self.sample_tail})")
