@@ -349,7 +349,7 @@ def test_project_multi_entry_rows_and_truncation():
     check_project(W, ids, probs, oi, op, atol=1e-9)
     gi, gp = W._project_torch(torch.from_numpy(ids), torch.from_numpy(probs), None, -1)
     check_project(W, ids, probs, gi.numpy(), gp.numpy(), atol=1e-9)
-    # > 128 distinct student ids per position: the argsort path of the kernel
+    # > 128 distinct student ids per position (long shell-sort gaps)
     rb, cb = np.repeat(np.arange(V_t), 5), rng.integers(0, 5000, V_t * 5)
     Wb = ProjectionMatrix.from_coo(*cut_arrays(rb, cb, rng.random(rb.size).astype(np.float32), V_t), (V_t, 5000))
     big, bp = rng.integers(0, V_t, size=(20, 40)), rng.dirichlet(np.ones(40), size=20)
@@ -369,6 +369,9 @@ def test_project_multi_entry_rows_and_truncation():
     np.testing.assert_allclose(out, ref, atol=1e-5)
     with pytest.raises(IndexError):
         W.project(np.array([[V_t]]), np.array([[1.0]]))
+    oi2, op2 = W.project(np.array([[V_t + 5, 3]]), np.array([[0.5, 0.5]]), drop_out_of_range=True)
+    ri, rp = W.project(np.array([[-1, 3]]), np.array([[0.5, 0.5]]))
+    assert np.array_equal(oi2, ri) and np.allclose(op2, rp)
 
 
 def test_cut_matches_reference():

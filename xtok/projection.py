@@ -98,24 +98,22 @@ def _project_kernel_py(ids, probs, indptr, indices, data, n_cols, max_row_nnz, K
                     buf_id[m] = sid
                     buf_p[m] = v
                     m += 1
-        if m <= 128:  # insertion sort by (prob desc, id asc)
-            for a in range(1, m):
+        # shell sort by (prob desc, id asc): no allocation, fast for the few hundred entries here
+        gap = 1
+        while gap < m // 3:
+            gap = 3 * gap + 1
+        while gap >= 1:
+            for a in range(gap, m):
                 ci, cp = buf_id[a], buf_p[a]
-                b = a - 1
-                while b >= 0 and (buf_p[b] < cp or (buf_p[b] == cp and buf_id[b] > ci)):
-                    buf_id[b + 1] = buf_id[b]
-                    buf_p[b + 1] = buf_p[b]
-                    b -= 1
-                buf_id[b + 1] = ci
-                buf_p[b + 1] = cp
-            oid, op = buf_id, buf_p
-        else:
-            o1 = np.argsort(buf_id[:m], kind="mergesort")
-            sid_s = buf_id[:m][o1]
-            sp_s = buf_p[:m][o1]
-            o2 = np.argsort(-sp_s, kind="mergesort")
-            oid = sid_s[o2]
-            op = sp_s[o2]
+                b = a
+                while b >= gap and (buf_p[b - gap] < cp or (buf_p[b - gap] == cp and buf_id[b - gap] > ci)):
+                    buf_id[b] = buf_id[b - gap]
+                    buf_p[b] = buf_p[b - gap]
+                    b -= gap
+                buf_id[b] = ci
+                buf_p[b] = cp
+            gap //= 3
+        oid, op = buf_id, buf_p
         for q in range(K):
             if q < m:
                 out_ids[p, q] = oid[q]
@@ -259,7 +257,8 @@ class ProjectionMatrix:
         """Output width of `project` for teacher top-k input: k * max row nnz (no truncation)."""
         return max(1, k * max(1, self._max_row_nnz))
 
-    def project(self, topk_ids, topk_probs, K: int | None = None, *, pad_id: int = -1):
+    def project(self, topk_ids, topk_probs, K: int | None = None, *, pad_id: int = -1,
+                drop_out_of_range: bool = False):
         """Teacher top-k (ids [..., k] int, probs [..., k] float) -> student sparse distribution.
 
         Returns (ids [..., K] int64, probs [..., K]) of the same kind as the input (numpy or torch;
@@ -268,8 +267,14 @@ class ProjectionMatrix:
         result is sorted by prob, descending; unused slots hold id `pad_id` (default -1) and prob 0.
         K defaults to `default_k(k)` = k * max row nnz, so nothing is ever truncated and the output
         mass equals the input mass (rows of W sum to 1). With a smaller K the K most probable student
-        ids are kept. Teacher ids < 0 are treated as padding (contribute nothing).
+        ids are kept. Teacher ids < 0 are treated as padding (contribute nothing). Teacher ids >= V_t
+        (a model whose embedding is padded past its tokenizer's vocabulary) raise IndexError, or are
+        dropped like padding with `drop_out_of_range=True`.
         """
+        if drop_out_of_range:
+            oob = topk_ids >= self.shape[0]
+            if bool(oob.any()):
+                topk_ids = topk_ids.masked_fill(oob, -1) if _is_torch(topk_ids) else np.where(oob, -1, topk_ids)
         if not _is_torch(topk_ids) or topk_ids.device.type == "cpu":
             return self._project_cpu(topk_ids, topk_probs, K, pad_id)
         return self._project_torch(topk_ids, topk_probs, K, pad_id)
@@ -288,13 +293,15 @@ class ProjectionMatrix:
         K = self.default_k(k) if K is None else int(K)
         ids2 = np.ascontiguousarray(ids.reshape(-1, k), dtype=np.int64)
         probs2 = np.ascontiguousarray(probs.reshape(-1, k))
-        if probs2.dtype not in (np.float32, np.float64):  # ints, float16/bfloat16-as-float: float32 out
-            probs2 = probs2.astype(np.float32)
+        out_dtype = probs2.dtype if probs2.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        probs2 = probs2.astype(np.float64, copy=False)  # one kernel specialisation (compiled once, cached)
         if ids2.size and int(ids2.max()) >= self.shape[0]:
             raise IndexError(f"teacher id {int(ids2.max())} out of range for a W with {self.shape[0]} rows")
         out_ids = np.empty((ids2.shape[0], K), np.int64)
-        out_p = np.empty((ids2.shape[0], K), probs2.dtype)
-        _project_kernel(ids2, probs2, self.indptr, self.indices, self.data, self.shape[1], self._max_row_nnz, K, pad_id, out_ids, out_p)
+        out_p = np.empty((ids2.shape[0], K), np.float64)
+        _project_kernel(ids2, probs2, self.indptr, self.indices, self.data, self.shape[1], self._max_row_nnz, K,
+                        int(pad_id), out_ids, out_p)
+        out_p = out_p.astype(out_dtype, copy=False)
         out_ids, out_p = out_ids.reshape(*lead, K), out_p.reshape(*lead, K)
         if is_t:
             import torch
