@@ -133,11 +133,12 @@ def _segments(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[n
 
 
 def decompose(student, query_tb, items: np.ndarray, lookup: ByteLookup | None = None, *, batch_size: int = 16384,
-              progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              progress=None, verified_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mid-text student decomposition of the query tokens `items` (ids into `query_tb`).
 
     Returns (counts int64 [n], flat student ids int64 [sum counts], tier int8 [n]); items in order.
-    Count 0 with tier 'unmapped' when nothing works (no greedy lookup, no unk)."""
+    Count 0 with tier 'unmapped' when nothing works (no greedy lookup, no unk). `verified_only` stops
+    after the byte-verified tiers (1-4; tier 4 only with a `lookup`)."""
     items = np.asarray(items, np.int64)
     n = items.size
     s_tb = student.token_bytes
@@ -183,7 +184,7 @@ def decompose(student, query_tb, items: np.ndarray, lookup: ByteLookup | None = 
         if progress is not None:
             progress.update(int(good.sum()))
         rest = rest[~good]
-    if rest.size:  # normalising students: take the student's encoding as it is
+    if rest.size and not verified_only:  # normalising students: take the student's encoding as it is
         txt = [k for k in rest.tolist() if texts[k] is not None]
         encs = batch_encode_plain(student, [texts[k] for k in txt])
         got_i, got_ids, got_len = [], [], []
@@ -228,7 +229,7 @@ def encode_midtext(student, byte_strings: list[bytes]) -> list[np.ndarray | None
     from xtok.tokens import TokenBytes
 
     tb = TokenBytes.from_list([b if b else b"?" for b in byte_strings])
-    counts, ids, tier = decompose(student, tb, np.arange(len(byte_strings)), None)
+    counts, ids, tier = decompose(student, tb, np.arange(len(byte_strings)), None, verified_only=True)
     out, pos = [], 0
     for c, t in zip(counts.tolist(), tier.tolist()):
         out.append(ids[pos:pos + c] if t != _TIER["unmapped"] else None)

@@ -331,6 +331,11 @@ def test_project_matches_reference(W_tek_spm, W_spm_tek):
         ti, tp = W.project(torch.from_numpy(ids).view(8, 8, k), torch.from_numpy(probs).view(8, 8, k))
         assert isinstance(ti, torch.Tensor) and ti.shape == (8, 8, W.default_k(k))
         assert np.array_equal(ti.reshape(P, -1).numpy(), oi) and np.allclose(tp.reshape(P, -1).numpy(), op)
+        # picklable (DataLoader workers), same results after a round trip
+        import pickle
+
+        pi, pp = pickle.loads(pickle.dumps(W)).project(ids, probs)
+        assert np.array_equal(pi, oi) and np.array_equal(pp, op)
         # the torch-ops path (used for accelerator tensors) agrees with the reference too
         gi, gp = W._project_torch(torch.from_numpy(ids), torch.from_numpy(probs), None, -1)
         check_project(W, ids, probs, gi.numpy(), gp.numpy())

@@ -152,6 +152,11 @@ class ProjectionMatrix:
         self._torch_cache: dict = {}
         self._max_row_nnz = int(np.diff(self.indptr).max()) if self.shape[0] else 0
 
+    def __getstate__(self):  # picklable for DataLoader workers; torch views are rebuilt lazily
+        d = dict(self.__dict__)
+        d["_torch_cache"] = {}
+        return d
+
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_coo(cls, rows, cols, values, shape, **kw) -> "ProjectionMatrix":
