@@ -214,6 +214,12 @@ def check_real_pair(T, S, W, n_sample=1500, seed=0):
     empty = np.nonzero(~nonempty)[0]
     assert all(tbT.is_special[e] for e in empty)
     assert len(empty) == W.stats["special_unmapped"]
+    # every decomposition spells the teacher token's bytes, except the counted unverified/unk rows
+    sb = S.token_bytes
+    off, seq = W.decomposition_csr()
+    bad = sum(1 for t in range(T.vocab_size) if not tbT.is_special[t]
+              and b"".join(sb.get(i) for i in seq[off[t]:off[t + 1]].tolist()) != tbT.get(t))
+    assert bad == W.stats["tiers"].get("unverified", 0) + W.stats["tiers"].get("unk", 0)
     # first token of every sampled non-exact row = what the student tokenizer itself produces
     exact_set = set(exact_rows)
     cand = [t for t in range(T.vocab_size) if not tbT.is_special[t] and t not in exact_set and tbT.get(t)]
