@@ -36,7 +36,8 @@ __all__ = ["Alignment", "align", "align_arrays", "byte_match", "chunks_from_matc
 GAP_OPEN = 3
 GAP_EXTEND = 1
 ANCHOR_K = 12            # k-gram length for anchors
-FULL_DP_CELLS = 1 << 22  # regions up to this many cells get the exact full DP
+FULL_DP_CELLS = 1 << 17  # regions up to this many cells get the exact full DP (larger: anchors first)
+LAST_FULL_DP_CELLS = 1 << 24  # an anchor-free region up to this size still gets the full DP
 BAND_HALF = 512          # half-width of the band for larger anchor-free regions
 _INF = 1 << 60
 
@@ -387,11 +388,13 @@ def _band_rows(n, m, half):
 
 
 @njit(cache=True, nogil=True)
-def _align_region(a, b, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half):
+def _align_region(a, b, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
+    """Align a[a0:a1] with b[b0:b1]: free common prefix/suffix, then the full DP when small; when
+    large, either defer it (append to out[no], return no + 1) or run the banded DP."""
     n = a1 - a0
     m = b1 - b0
     if n == 0 or m == 0:
-        return
+        return no
     # equal common prefix / suffix of the region match for free
     p = 0
     while p < n and p < m and a[a0 + p] == b[b0 + p]:
@@ -410,13 +413,20 @@ def _align_region(a, b, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half):
     n = a1 - a0
     m = b1 - b0
     if n == 0 or m == 0:
-        return
+        return no
     if (n + 1) * (m + 1) <= full_cells:
         lo = np.zeros(n + 1, np.int64)
         hi = np.full(n + 1, m, np.int64)
+    elif defer:
+        out[no, 0] = a0
+        out[no, 1] = a1
+        out[no, 2] = b0
+        out[no, 3] = b1
+        return no + 1
     else:
         lo, hi = _band_rows(n, m, half)
     _gotoh(a[a0:a1], b[b0:b1], lo, hi, go, ge, mt, ms, a0, b0)
+    return no
 
 
 @njit(cache=True, nogil=True)
@@ -467,9 +477,12 @@ def _lis(v):
 
 
 @njit(cache=True, nogil=True)
-def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half):
+def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer):
     """Anchors (pi[q], pj[q]) of k equal bytes, monotone. Mark anchor bytes matched (dropping
-    ones that overlap the previous segment off its diagonal), then align the regions between."""
+    ones that overlap the previous segment off its diagonal), then align the regions between.
+    Returns the large regions left for finer anchoring (int64 [r, 4]; empty unless defer)."""
+    out = np.empty((pi.shape[0] + 1, 4), np.int64)
+    no = 0
     ea = a0  # end of the last segment
     eb = b0
     for q in range(pi.shape[0]):
@@ -493,13 +506,14 @@ def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_
                 break
         if not same:
             continue  # hash collision
-        _align_region(a, b, ea, i, eb, j, mt, ms, go, ge, full_cells, half)
+        no = _align_region(a, b, ea, i, eb, j, mt, ms, go, ge, full_cells, half, defer, out, no)
         for x in range(k):
             mt[i + x] = j + x
             ms[j + x] = i + x
         ea = i + k
         eb = j + k
-    _align_region(a, b, ea, a1, eb, b1, mt, ms, go, ge, full_cells, half)
+    no = _align_region(a, b, ea, a1, eb, b1, mt, ms, go, ge, full_cells, half, defer, out, no)
+    return out[:no].copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,10 +522,13 @@ def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_
 
 
 def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: int = FULL_DP_CELLS,
-               half: int = BAND_HALF, go: int = GAP_OPEN, ge: int = GAP_EXTEND) -> tuple[np.ndarray, np.ndarray]:
+               half: int = BAND_HALF, last_full_cells: int = LAST_FULL_DP_CELLS, go: int = GAP_OPEN,
+               ge: int = GAP_EXTEND) -> tuple[np.ndarray, np.ndarray]:
     """Monotone matching of two byte streams (uint8). Returns (mt, ms): mt[i] = index in b that
-    a[i] is matched to, or -1; ms the inverse. Exact optimal affine-gap DP for small inputs,
-    anchored on unique k-grams + banded for large ones."""
+    a[i] is matched to, or -1; ms the inverse. Exact optimal affine-gap DP for small inputs
+    (<= full_cells); larger ones are anchored on unique k-grams, then unique k/2-grams inside the
+    large regions left, then each remaining region gets the full DP up to last_full_cells and a
+    band of half-width `half` around its diagonal beyond that."""
     a = np.ascontiguousarray(a, dtype=np.uint8)
     b = np.ascontiguousarray(b, dtype=np.uint8)
     n, m = a.shape[0], b.shape[0]
@@ -531,16 +548,27 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
     if s:
         mt[n - s:] = np.arange(m - s, m)
         ms[m - s:] = np.arange(n - s, n)
-    a0, a1, b0, b1 = p, n - s, p, m - s
-    if a1 == a0 or b1 == b0:
-        return mt, ms
-    if (a1 - a0 + 1) * (b1 - b0 + 1) <= full_cells:
-        pi = pj = np.empty(0, np.int64)
-    else:
-        pi, pj = _anchors(a[a0:a1], b[b0:b1], k)
-        pi += a0
-        pj += b0
-    _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half)
+    # anchored refinement: unique k-grams at decreasing k; large regions left between anchors
+    # are re-anchored (unique within the region) with a smaller k, then banded as a last resort
+    regions = np.array([[p, n - s, p, m - s]], dtype=np.int64)
+    ks = [k, max(4, k // 2), None]
+    for level, kk in enumerate(ks):
+        todo = []
+        for a0, a1, b0, b1 in regions.tolist():  # loop over (few) large regions, not tokens
+            if a1 == a0 or b1 == b0:
+                continue
+            if kk is None or (a1 - a0 + 1) * (b1 - b0 + 1) <= full_cells:
+                pi = pj = np.empty(0, np.int64)
+                kq = 1
+            else:
+                pi, pj = _anchors(a[a0:a1], b[b0:b1], kk)
+                pi, pj, kq = pi + a0, pj + b0, kk
+            fc = full_cells if kk is not None else max(full_cells, last_full_cells)
+            todo.append(_segments_and_regions(a, b, pi, pj, kq, a0, a1, b0, b1, mt, ms, go, ge, fc,
+                                              half, kk is not None))
+        regions = np.concatenate(todo) if todo else np.empty((0, 4), np.int64)
+        if regions.shape[0] == 0:
+            break
     return mt, ms
 
 
