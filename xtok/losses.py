@@ -184,25 +184,97 @@ class _Plan:
         z = (h.to(common) @ weight.to(common).t()).to(cd)
         return z, rows, h
 
-    def eval_chunk(self, z, c: int):
-        """[(selection into output j, values)] for every output with items in chunk c."""
-        base = self.bounds[c]
-        res = []
+    def _items(self, c: int):
+        """(j, selection into output j, local row of each item, identity flag) for chunk c."""
+        base, n = self.bounds[c], self.bounds[c + 1] - self.bounds[c]
         for j in range(len(self.inv)):
             sel = self.order[j][self.cuts[j][c]: self.cuts[j][c + 1]]
             if sel.numel() == 0:
                 continue
             loc = self.inv[j][sel] - base
-            zj = z.index_select(0, loc)
+            ident = sel.numel() == n and bool((loc == torch.arange(n, device=loc.device)).all())
+            yield j, sel, loc, ident
+
+    def _cells(self, z, g: _KLGroup, sel, loc, ident):
+        """zt, lse, log_s, log_u, (row, id) of the valid cells for the items `sel` of KL group g."""
+        zt = z if ident else z.index_select(0, loc)
+        if g.spec.tau != 1.0:
+            zt = zt / g.spec.tau
+        lse = torch.logsumexp(zt, dim=-1)
+        ids, valid = g.ids[sel], g.valid[sel]
+        log_s = zt.gather(1, ids) - lse[:, None]
+        r_idx, k_idx = valid.nonzero(as_tuple=True)
+        cell_ids = ids[r_idx, k_idx]
+        inset = torch.zeros(zt.shape, dtype=torch.bool, device=zt.device)
+        inset[r_idx, cell_ids] = True
+        log_u = torch.logsumexp(zt.masked_fill(inset, _NEG), dim=-1) - lse
+        del inset
+        return zt, lse, log_s, log_u, (r_idx, k_idx, cell_ids)
+
+    def eval_chunk(self, z, c: int):
+        """Forward values: [(j, selection into output j, values)] for chunk c (no graph kept)."""
+        res = []
+        lse1 = None
+        for j, sel, loc, ident in self._items(c):
             if j == 0:
-                vals = token_logprobs(zj, self.tok_ids[sel])
+                if lse1 is None:
+                    lse1 = torch.logsumexp(z, dim=-1)
+                vals = z[loc, self.tok_ids[sel]] - lse1[loc]
             else:
                 g = self.groups[j - 1]
-                log_s, log_u = partition_logprobs(zj, g.ids[sel], g.valid[sel], g.spec.tau)
+                _, _, log_s, log_u, _ = self._cells(z, g, sel, loc, ident)
                 vals = partition_divergence(log_s, log_u, g.q[sel], g.r[sel], g.valid[sel],
                                             g.spec.variant, g.spec.beta, g.spec.eps)
             res.append((j, sel, vals))
         return res
+
+    def grad_chunk(self, z, c: int, grads):
+        """d(sum_j grads[j] . out_j)/dz for chunk c, analytically: only the [n, K+1] cell maths goes
+        through autograd; the [n, V] part is one softmax per item set, built in place."""
+        gz = None
+        log_big = 0.5 * float(torch.log(torch.tensor(torch.finfo(z.dtype).max, dtype=torch.float64)))  # 1/u clamp
+
+        def add(G, loc, ident):
+            nonlocal gz
+            if gz is None and ident:
+                gz = G
+            else:
+                if gz is None:
+                    gz = torch.zeros_like(z)
+                gz.index_add_(0, loc, G) if not ident else gz.add_(G)
+
+        for j, sel, loc, ident in self._items(c):
+            gj = grads[j][sel]
+            if j == 0:
+                # out = z[row, tok] - lse(z[row]); d/dz = g (e_tok - softmax)
+                csum = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).index_add_(0, loc, gj)
+                rows = csum != 0
+                if not bool(rows.any()):
+                    continue
+                G = torch.softmax(z, dim=-1).mul_(-csum[:, None])
+                G.index_put_((loc, self.tok_ids[sel]), gj, accumulate=True)
+                add(G, torch.arange(z.shape[0], device=z.device), True)
+                continue
+            g = self.groups[j - 1]
+            zt, lse, log_s, log_u, (r_idx, k_idx, cell_ids) = self._cells(z, g, sel, loc, ident)
+            with torch.enable_grad():
+                ls = log_s.detach().requires_grad_(True)
+                lu = log_u.detach().requires_grad_(True)
+                vals = partition_divergence(ls, lu, g.q[sel], g.r[sel], g.valid[sel],
+                                            g.spec.variant, g.spec.beta, g.spec.eps)
+                cs, cu = torch.autograd.grad((gj * vals).sum(), (ls, lu))
+            cs = torch.where(g.valid[sel], cs, 0.0)
+            # a_k = zt[i_k] - lse, a_0 = lse_complement - lse:
+            # dL/dzt_j = sum_k cs_k [j = i_k] + cu [j not in S] s_j / u - (sum_k cs_k + cu) s_j
+            coef = -(cs.sum(dim=1) + cu)
+            ratio = cu * torch.exp((-log_u).clamp(max=log_big))
+            G = torch.sub(zt, lse[:, None]).exp_().mul_((coef + ratio)[:, None])
+            G[r_idx, cell_ids] = (log_s.exp() * coef[:, None] + cs)[r_idx, k_idx]
+            if g.spec.tau != 1.0:
+                G.div_(g.spec.tau)
+            del zt
+            add(G, loc, ident)
+        return gz
 
 
 class _RowLossFunction(torch.autograd.Function):
@@ -234,20 +306,13 @@ class _RowLossFunction(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[2]:
             gw = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
         grads = [g.to(cd) for g in grads]
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             for c in range(plan.n_chunks):
-                with torch.no_grad():
-                    z, rows, h = plan.chunk_logits(x, weight, c, cd)
-                z.requires_grad_(True)
-                with torch.enable_grad():
-                    total = None
-                    for j, sel, vals in plan.eval_chunk(z, c):
-                        t = (grads[j][sel] * vals).sum()
-                        total = t if total is None else total + t
-                if total is None:
+                z, rows, h = plan.chunk_logits(x, weight, c, cd)
+                gz = plan.grad_chunk(z, c, grads)
+                del z
+                if gz is None:
                     continue
-                (gz,) = torch.autograd.grad(total, z)
-                del z, total
                 if weight is None:
                     gx_flat.index_copy_(0, rows, gz.to(x.dtype))
                 else:
@@ -274,7 +339,7 @@ def _split_student(student):
 def _auto_chunk_rows(V: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(8, (1 << 25) // max(V, 1))  # ~128 MiB per fp32 [rows, V] temporary
+    return max(8, (1 << 24) // max(V, 1))  # ~64 MiB per fp32 [rows, V] temporary
 
 
 def _run(student, tok_rows, tok_ids, groups, chunk_size):
