@@ -445,6 +445,10 @@ def extract(cfg: ExtractConfig) -> dict:
 
     # -- model ---------------------------------------------------------------------------------
     device = resolve_device(cfg.device)
+    if not cfg.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     mdl, body, weight, bias, softcap = load_teacher(cfg.model, cfg.dtype, device)
     Vm, Vt = int(weight.shape[0]), tok.vocab_size
     if Vm < Vt:
