@@ -94,7 +94,7 @@ def _measure(method, V, n):
 
 @pytest.mark.parametrize("V", [32768, 131072])
 def test_bench_kl_fused_vs_chunked_vs_naive(V):
-    from conftest import report
+    from benchmarks.conftest import report
 
     max_gib = float(os.environ.get("XTOK_BENCH_MAX_GB", "8"))
     naive_est_gib = 4 * N * V * 4 / 2 ** 30  # ~4 live fp32 [N, V] tensors at the peak

@@ -459,9 +459,12 @@ def agg_reference(logits, batch, cfg, sft_weight, renorm=False, per_component=Fa
     return total
 
 
-@pytest.mark.parametrize("renorm,per_component,fused", [(False, False, False), (True, False, False),
-                                                        (False, True, False), (True, False, True)])
-def test_aggregator_matches_reference(renorm, per_component, fused):
+@pytest.mark.parametrize("renorm,per_component,fused,cs", [(False, False, False, 5), (False, False, False, 1),
+                                                           (True, False, False, 5), (False, True, False, 5),
+                                                           (True, False, True, 5), (False, False, True, 1)])
+def test_aggregator_matches_reference(renorm, per_component, fused, cs):
+    """cs = 1: every chunk is one row, where the SFT / chunk token items share the softmax buffer of
+    the tau = 1 teacher ('b') on that row."""
     B, T, V, H = 4, 8, 21, 5
     batch = make_batch(B, T, V, seed=18, teachers=("a", "b"))
     batch["teachers"]["a"]["present"][1] = False
@@ -470,7 +473,7 @@ def test_aggregator_matches_reference(renorm, per_component, fused):
            "b": TeacherLoss(0.3, 0.0, CrossTokenizerKLLoss("reverse")),
            "c": TeacherLoss(2.0, 1.0)}  # configured, not in the batch: absent everywhere
     agg = MultiTeacherLossAggregator(cfg, sft_weight=0.5, renormalize_absent=renorm,
-                                     normalize="per_component" if per_component else "tokens", chunk_size=5)
+                                     normalize="per_component" if per_component else "tokens", chunk_size=cs)
     g = torch.Generator().manual_seed(19)
     h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
     W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)

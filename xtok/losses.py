@@ -170,6 +170,9 @@ class _Plan:
             self.order.append(o)
             self.cuts.append(torch.searchsorted(iv[o], bnd).tolist())
         self.n_out = sizes
+        dt = torch.float64  # per-item log-normalisers saved by the forward for the backward
+        self.saved = [(torch.zeros(n, dtype=dt, device=device), torch.zeros(n if j else 0, dtype=dt, device=device))
+                      for j, n in enumerate(sizes)]
 
     @property
     def n_chunks(self) -> int:
@@ -195,85 +198,114 @@ class _Plan:
             ident = sel.numel() == n and bool((loc == torch.arange(n, device=loc.device)).all())
             yield j, sel, loc, ident
 
-    def _cells(self, z, g: _KLGroup, sel, loc, ident):
-        """zt, lse, log_s, log_u, (row, id) of the valid cells for the items `sel` of KL group g."""
+    def _zt(self, z, tau, loc, ident):
         zt = z if ident else z.index_select(0, loc)
-        if g.spec.tau != 1.0:
-            zt = zt / g.spec.tau
-        lse = torch.logsumexp(zt, dim=-1)
-        ids, valid = g.ids[sel], g.valid[sel]
-        log_s = zt.gather(1, ids) - lse[:, None]
-        r_idx, k_idx = valid.nonzero(as_tuple=True)
-        cell_ids = ids[r_idx, k_idx]
-        inset = torch.zeros(zt.shape, dtype=torch.bool, device=zt.device)
-        inset[r_idx, cell_ids] = True
-        log_u = torch.logsumexp(zt.masked_fill(inset, _NEG), dim=-1) - lse
-        del inset
-        return zt, lse, log_s, log_u, (r_idx, k_idx, cell_ids)
+        return zt / tau if tau != 1.0 else zt
 
     def eval_chunk(self, z, c: int):
-        """Forward values: [(j, selection into output j, values)] for chunk c (no graph kept)."""
+        """Forward values for chunk c: [(j, selection into output j, values)], and it stores the
+        per-item log-normalisers (`lse`, `log_u`) in `self.saved` for the backward. One exp pass over
+        the [n, V] logits per item set: lse = m + log sum e, log_u = log sum_{j not in S} e_j - log sum e,
+        e = exp(zt - rowmax), the in-set entries of e zeroed in place before the second sum."""
         res = []
         lse1 = None
         for j, sel, loc, ident in self._items(c):
             if j == 0:
                 if lse1 is None:
                     lse1 = torch.logsumexp(z, dim=-1)
-                vals = z[loc, self.tok_ids[sel]] - lse1[loc]
+                lse = lse1[loc]
+                vals = z[loc, self.tok_ids[sel]] - lse
+                self.saved[j][0][sel] = lse
             else:
                 g = self.groups[j - 1]
-                _, _, log_s, log_u, _ = self._cells(z, g, sel, loc, ident)
-                vals = partition_divergence(log_s, log_u, g.q[sel], g.r[sel], g.valid[sel],
+                zt = self._zt(z, g.spec.tau, loc, ident)
+                m = zt.amax(dim=-1)
+                e = torch.sub(zt, m[:, None]).exp_()
+                log_tot = torch.log(e.sum(dim=-1))
+                lse = m + log_tot
+                ids, valid = g.ids[sel], g.valid[sel]
+                r_idx, k_idx = valid.nonzero(as_tuple=True)
+                e[r_idx, ids[r_idx, k_idx]] = 0.0
+                tiny = torch.finfo(e.dtype).tiny
+                log_u = torch.log(e.sum(dim=-1).clamp_min(tiny)) - log_tot
+                del e
+                log_s = zt.gather(1, ids) - lse[:, None]
+                vals = partition_divergence(log_s, log_u, g.q[sel], g.r[sel], valid,
                                             g.spec.variant, g.spec.beta, g.spec.eps)
+                self.saved[j][0][sel] = lse
+                self.saved[j][1][sel] = log_u
             res.append((j, sel, vals))
         return res
 
     def grad_chunk(self, z, c: int, grads):
-        """d(sum_j grads[j] . out_j)/dz for chunk c, analytically: only the [n, K+1] cell maths goes
-        through autograd; the [n, V] part is one softmax per item set, built in place."""
-        gz = None
+        """d(sum_j grads[j] . out_j)/dz for chunk c, analytically, from the saved normalisers: only the
+        [n, K+1] cell maths goes through autograd; the [n, V] part is one softmax per temperature,
+        built in place (token items share the buffer of a tau = 1 KL group on the same rows)."""
         log_big = 0.5 * float(torch.log(torch.tensor(torch.finfo(z.dtype).max, dtype=torch.float64)))  # 1/u clamp
-
-        def add(G, loc, ident):
-            nonlocal gz
+        n = z.shape[0]
+        items = list(self._items(c))
+        tok = [it for it in items if it[0] == 0]
+        gz = None
+        tok_done = not tok
+        tok_sparse = None
+        if tok:
+            _, sel, loc, _ = tok[0]
+            gj = grads[0][sel]
+            csum = torch.zeros(n, dtype=z.dtype, device=z.device).index_add_(0, loc, gj)
+            lse1 = torch.full((n,), float('inf'), dtype=z.dtype, device=z.device).index_copy_(0, loc, self.saved[0][0][sel])
+            tok_sparse = (loc, self.tok_ids[sel], gj)
+        for j, sel, loc, ident in items:
+            if j == 0:
+                continue
+            g = self.groups[j - 1]
+            gj = grads[j][sel]
+            lse, log_u = self.saved[j][0][sel], self.saved[j][1][sel]
+            zt = self._zt(z, g.spec.tau, loc, ident)
+            ids, valid = g.ids[sel], g.valid[sel]
+            log_s = zt.gather(1, ids) - lse[:, None]
+            with torch.enable_grad():
+                ls = log_s.detach().requires_grad_(True)
+                lu = log_u.detach().requires_grad_(True)
+                vals = partition_divergence(ls, lu, g.q[sel], g.r[sel], valid,
+                                            g.spec.variant, g.spec.beta, g.spec.eps)
+                cs, cu = torch.autograd.grad((gj * vals).sum(), (ls, lu))
+            cs = torch.where(valid, cs, 0.0)
+            # a_k = zt[i_k] - lse, a_0 = log_u = lse_complement - lse:
+            # dL/dzt_j = sum_k cs_k [j = i_k] + cu [j not in S] s_j / u - (sum_k cs_k + cu) s_j
+            coef = -(cs.sum(dim=1) + cu)
+            ratio = cu * torch.exp((-log_u).clamp(max=log_big))
+            merge = (not tok_done) and ident and g.spec.tau == 1.0
+            if merge:  # the token items' softmax is the same s (tau = 1, same rows)
+                tcoef = -csum
+                coef_in = coef + tcoef
+            else:
+                tcoef, coef_in = 0.0, coef
+            G = torch.sub(zt, lse[:, None]).exp_().mul_((coef_in + ratio)[:, None])
+            r_idx, k_idx = valid.nonzero(as_tuple=True)
+            G[r_idx, ids[r_idx, k_idx]] = (log_s.exp() * coef_in[:, None] + cs)[r_idx, k_idx]
+            if g.spec.tau != 1.0:
+                G.div_(g.spec.tau)
+            if merge:
+                G.index_put_(tok_sparse[:2], tok_sparse[2], accumulate=True)
+                tok_done = True
             if gz is None and ident:
                 gz = G
             else:
                 if gz is None:
                     gz = torch.zeros_like(z)
-                gz.index_add_(0, loc, G) if not ident else gz.add_(G)
-
-        for j, sel, loc, ident in self._items(c):
-            gj = grads[j][sel]
-            if j == 0:
-                # out = z[row, tok] - lse(z[row]); d/dz = g (e_tok - softmax)
-                csum = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).index_add_(0, loc, gj)
-                rows = csum != 0
-                if not bool(rows.any()):
-                    continue
-                G = torch.softmax(z, dim=-1).mul_(-csum[:, None])
-                G.index_put_((loc, self.tok_ids[sel]), gj, accumulate=True)
-                add(G, torch.arange(z.shape[0], device=z.device), True)
-                continue
-            g = self.groups[j - 1]
-            zt, lse, log_s, log_u, (r_idx, k_idx, cell_ids) = self._cells(z, g, sel, loc, ident)
-            with torch.enable_grad():
-                ls = log_s.detach().requires_grad_(True)
-                lu = log_u.detach().requires_grad_(True)
-                vals = partition_divergence(ls, lu, g.q[sel], g.r[sel], g.valid[sel],
-                                            g.spec.variant, g.spec.beta, g.spec.eps)
-                cs, cu = torch.autograd.grad((gj * vals).sum(), (ls, lu))
-            cs = torch.where(g.valid[sel], cs, 0.0)
-            # a_k = zt[i_k] - lse, a_0 = lse_complement - lse:
-            # dL/dzt_j = sum_k cs_k [j = i_k] + cu [j not in S] s_j / u - (sum_k cs_k + cu) s_j
-            coef = -(cs.sum(dim=1) + cu)
-            ratio = cu * torch.exp((-log_u).clamp(max=log_big))
-            G = torch.sub(zt, lse[:, None]).exp_().mul_((coef + ratio)[:, None])
-            G[r_idx, cell_ids] = (log_s.exp() * coef[:, None] + cs)[r_idx, k_idx]
-            if g.spec.tau != 1.0:
-                G.div_(g.spec.tau)
-            del zt
-            add(G, loc, ident)
+                if ident:
+                    gz.add_(G)
+                else:
+                    gz.index_add_(0, loc, G)
+            del G
+        if not tok_done:
+            # out = z[row, tok] - lse(z[row]); d/dz = g (e_tok - softmax(z))
+            G = torch.sub(z, lse1[:, None]).exp_().mul_(-csum[:, None])
+            G.index_put_(tok_sparse[:2], tok_sparse[2], accumulate=True)
+            if gz is None:
+                gz = G
+            else:
+                gz.add_(G)
         return gz
 
 
@@ -286,6 +318,7 @@ class _RowLossFunction(torch.autograd.Function):
     def forward(ctx, plan: _Plan, x, weight):
         cd = _compute_dtype(torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype)
         ctx.plan, ctx.cd = plan, cd
+        plan.saved = [(a.to(cd), b.to(cd)) for a, b in plan.saved]
         ctx.save_for_backward(x, weight)
         outs = [torch.zeros(n, dtype=cd, device=x.device) for n in plan.n_out]
         with torch.autocast(x.device.type, enabled=False):
