@@ -603,6 +603,9 @@ def test_bad_input_errors(all_toks):
         align(spm, spm, [1], [99999999])
     with pytest.raises(ValueError, match="1-D"):
         align(spm, spm, [[1]], [1])
+    tb = spm.token_bytes
+    with pytest.raises(ValueError, match="student_ids has ids outside"):
+        align_arrays(tb.data, tb.offsets, tb.is_special, tb.data, tb.offsets, tb.is_special, [1], [5, -100])
     with pytest.raises(TypeError, match="teacher must be"):
         align("gpt2", spm, [1], [1])
 

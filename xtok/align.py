@@ -635,6 +635,12 @@ def align_arrays(t_data, t_offsets, t_special, s_data, s_offsets, s_special, tea
     """
     tids = np.ascontiguousarray(teacher_ids, dtype=np.int64)
     sids = np.ascontiguousarray(student_ids, dtype=np.int64)
+    for what, ids, offs in (("teacher", tids, t_offsets), ("student", sids, s_offsets)):
+        if ids.ndim != 1:
+            raise ValueError(f"align_arrays(): {what}_ids must be 1-D, got shape {ids.shape}.")
+        if ids.size and (ids.min() < 0 or ids.max() >= offs.shape[0] - 1):
+            raise ValueError(f"align_arrays(): {what}_ids has ids outside [0, {offs.shape[0] - 1}) "
+                             f"(min {ids.min()}, max {ids.max()}); strip padding (-100/-1) first.")
     ta, tcum, telig = _gather(t_data, t_offsets, t_special, tids, bool(t_prefix_space), False)
     sa, scum, selig = _gather(s_data, s_offsets, s_special, sids, bool(s_prefix_space), False)
     z0, z1 = np.zeros(tids.shape[0], np.int64), np.zeros(sids.shape[0], np.int64)
