@@ -180,3 +180,22 @@ def test_errors(tmp_path):
         StoreWriter(tmp_path / "s", _header(1000, 8, 0))
     w3 = StoreWriter(tmp_path / "s", _header(1000, 8, 0), overwrite=True)
     assert w3.committed() == set()
+
+
+def test_fsspec_url_store():
+    """Any fsspec URL works as output (here the in-memory filesystem)."""
+    import fsspec
+
+    url = "memory://xtok-test-store"
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/xtok-test-store"):
+        fs.rm("/xtok-test-store", recursive=True)
+    rng = np.random.default_rng(5)
+    rows, ref = _rows(rng, 4, 70000, 3, 2)
+    w = StoreWriter(url, _header(70000, 3, 2))
+    w.write_shard(0, rows)
+    w.finish()
+    st = TeacherStore(url)
+    assert st.keys() == [r["key"] for r in ref]
+    assert np.array_equal(st["ex2"].topk_ids, ref[2]["order"]) and np.array_equal(st["ex3"].tail_ids, ref[3]["tids"])
+    fs.rm("/xtok-test-store", recursive=True)

@@ -105,33 +105,39 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
             logits = torch.tanh(logits / softcap) * softcap
         if temperature != 1.0:
             logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         vals, ids = torch.topk(logits, k, dim=-1, sorted=True)
+        tgt = targets[s: s + chunk_rows].long()
+        tl = logits.gather(1, tgt.clamp(0, V - 1)[:, None]).squeeze(-1)
+        # one exp pass: probs = exp(logits - max) in place, lse = max + log(sum)
+        mx = vals[:, :1]
+        probs = logits.sub_(mx).exp_()                       # (logits is consumed)
+        z = probs.sum(-1, keepdim=True)
+        lse = mx + z.log()
+        probs.div_(z)
         lp = vals - lse
+        tlp = tl - lse.squeeze(-1)
         if top_p is not None:
             cum = torch.cumsum(lp.exp(), dim=-1)
             n_kept = ((cum < top_p).sum(-1) + 1).clamp(max=k)
         else:
             n_kept = torch.full((h.shape[0],), k, dtype=torch.long, device=dev)
         kept = torch.arange(k, device=dev)[None, :] < n_kept[:, None]
-        tail_logits = logits.scatter(1, ids, torch.where(kept, torch.full_like(vals, -math.inf), vals))
-        tail_lse = torch.logsumexp(tail_logits, dim=-1, keepdim=True)
-        tail_mass = (tail_lse - lse).exp().squeeze(-1)
-        tgt = targets[s: s + chunk_rows].long()
-        tlp = logits.gather(1, tgt.clamp(0, V - 1)[:, None]).squeeze(-1) - lse.squeeze(-1)
         if ws is not None:
-            wsm = (torch.logsumexp(logits.masked_fill(~ws[None, :], -math.inf), dim=-1) - lse.squeeze(-1)).exp()
+            wsm = probs @ ws.to(probs.dtype)
         else:
             wsm = torch.zeros_like(tlp)
+        # tail: zero the kept top-k entries and sum what is left (no cancellation for tiny tails)
+        probs.scatter_(1, ids, torch.where(kept, torch.zeros_like(vals), vals.sub(lse).exp()))
+        tail_mass = probs.sum(-1)
         if m:
             u = uniforms[s: s + chunk_rows].to(dev, torch.float32)
-            cdf = torch.cumsum((tail_logits - lse).exp(), dim=-1)
+            cdf = torch.cumsum(probs, dim=-1)
             total = cdf[:, -1:]
             tid = torch.searchsorted(cdf, (u * total).contiguous(), right=True).clamp(max=V - 1)
             tid = torch.where(total > 0, tid, torch.full_like(tid, -1))
             out["tail_ids"].append(tid.to(torch.int32).cpu())
             del cdf
-        del logits, tail_logits
+        del logits, probs
         lp = torch.where(kept, lp, torch.full_like(lp, -math.inf))
         ids = torch.where(kept, ids, torch.full_like(ids, -1))
         out["topk_ids"].append(ids.to(torch.int32).cpu())
