@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MISTRAL_SPM, TEKKEN, ASSETS
+from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN
 from xtok.collate import CrossTokenizerCollator, TeacherSpec
 from xtok.tokens import load_tokenizer
 
@@ -213,7 +213,7 @@ def test_targets_match_dense_reference(spm, tek, text_rows, spm_teacher, path):
         assert got <= ref, "targets at positions the independent alignment does not support"
         assert len(got) >= 0.9 * len(ref), (len(got), len(ref))
         n_checked += check_targets(batch, "spm", i, logp, t_ids, k, w_rows_of(W), pairs,
-                                   n_check=None if i == 0 else 25)
+                                   n_check=80 if i == 0 else 25)
         n_chunks += check_chunks(batch, "spm", i, logp, t_ids, pairs)
     assert n_checked > 100 and n_chunks > 300
     ids = batch["teachers"]["spm"]["target_ids"]
@@ -367,24 +367,170 @@ def test_chat_rows_assistant_labels(spm, tek):
         assert set(got) == set(ref) and all(abs(got[c] - ref[c]) < 1e-5 for c in got)
 
 
-def test_pickle_workers_deterministic(spm, tek, text_rows, spm_teacher, tmp_path):
-    """The collator pickles (no loaded handles travel when given paths) and DataLoader workers
-    produce exactly the in-process batches."""
-    k = 8
+def test_pickle_roundtrip(spm, tek, text_rows, spm_teacher):
+    """The collator pickles without its loaded handles (paths travel) and gives identical batches."""
     W = random_w(spm.vocab_size, tek.vocab_size, seed=13)
-    store = DictStore({key: make_example(ids, lp, k) for key, (ids, lp) in spm_teacher.items()})
+    store = DictStore({key: make_example(ids, lp, 8) for key, (ids, lp) in spm_teacher.items()})
     col = CrossTokenizerCollator(TEKKEN, [TeacherSpec("spm", MISTRAL_SPM, store, W)])
-    blob = pickle.dumps(col)
-    col2 = pickle.loads(blob)
-    assert col2._student is None  # re-loaded lazily in the worker
-    ref = col(text_rows)
-    loader = torch.utils.data.DataLoader(text_rows, batch_size=2, num_workers=2, collate_fn=col2,
-                                         multiprocessing_context="spawn", persistent_workers=False)
-    got = list(loader)
-    for bi, b in enumerate(got):
-        sub = col(text_rows[2 * bi: 2 * bi + 2])
+    col2 = pickle.loads(pickle.dumps(col))
+    assert col2._student is None and col2.teachers[0]._tok is None  # re-loaded lazily in the worker
+    a, b = col(text_rows), col2(text_rows)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(a[key], b[key])
+    for key, v in a["teachers"]["spm"].items():
+        assert torch.equal(b["teachers"]["spm"][key], v), key
+    assert a["stats"] == b["stats"]
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: xtok extract stores of two tiny teachers, DataLoader workers, losses, training
+# ------------------------------------------------------------------------------------------
+
+
+def _student_spec():
+    p = ASSETS / "tokenizers" / "gpt2"
+    return str(p) if p.exists() else MISTRAL_SPM_V3
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, shakespeare_text):
+    """Two teachers (Tekken 131k, SentencePiece 32k), each a tiny random Llama saved with
+    save_pretrained and a store written by `xtok extract`; W files by build_projection."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from projection_tools.build import build_projection
+    from xtok.cli import main
+
+    d = tmp_path_factory.mktemp("e2e")
+    student = load_tokenizer(_student_spec())
+    lines = [l for l in shakespeare_text.split("\n\n") if 200 < len(l) < 700]
+    rows = [{"id": f"s{i}", "text": lines[3 * i]} for i in range(8)]
+    with open(d / "data.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(_json.dumps(r) + "\n")
+    teachers = {}
+    for name, spec, extra in (("tekken", TEKKEN, []), ("spm", MISTRAL_SPM, ["--sample-tail", "4"])):
+        tok = load_tokenizer(spec)
+        model = tiny_llama(tok.vocab_size, seed=len(name), hidden=24)
+        model.save_pretrained(d / f"{name}_model")
+        res = CliRunner().invoke(main, ["extract", "-m", str(d / f"{name}_model"), "--tokenizer", spec, "-d",
+                                        str(d / "data.jsonl"), "-o", str(d / f"{name}_store"), "-k", "16",
+                                        "--device", "cpu", "--quiet"] + extra)
+        assert res.exit_code == 0, res.output
+        W = build_projection(tok, student, progress=False)
+        W.save(d / f"{name}_W.safetensors")
+        teachers[name] = (spec, tok, model, W)
+    return d, rows, student, teachers
+
+
+def test_end_to_end_extract_workers_training(e2e):
+    from xtok.losses import MultiTeacherLossAggregator, TeacherLoss
+    from xtok.store import TeacherStore
+
+    d, rows, student, teachers = e2e
+    specs = [TeacherSpec(n, spec, str(d / f"{n}_store"), str(d / f"{n}_W.safetensors"))
+             for n, (spec, *_r) in teachers.items()]
+    col = CrossTokenizerCollator(_student_spec(), specs, max_length=256)
+    # rows the stores lack, and one whose stored text differs (same key, other text)
+    extra = [{"id": "not-in-store", "text": rows[0]["text"]}, {"id": rows[1]["id"], "text": rows[5]["text"]}]
+    data = rows + extra
+    loader = torch.utils.data.DataLoader(data, batch_size=5, num_workers=2, collate_fn=col,
+                                         multiprocessing_context="spawn")
+    batches = list(loader)
+    assert len(batches) == 2
+    # workers (pickled collator, lazily opened stores / W / tokenizers) == in-process, deterministic
+    for bi, b in enumerate(batches):
+        ref = col(data[5 * bi: 5 * bi + 5])
         for key in ("input_ids", "attention_mask", "labels"):
-            assert torch.equal(b[key], sub[key])
-        for key, v in sub["teachers"]["spm"].items():
-            assert torch.equal(b["teachers"]["spm"][key], v), key
-    assert ref["stats"]["spm"]["present"] == 4
+            assert torch.equal(b[key], ref[key])
+        for n in teachers:
+            for key, v in ref["teachers"][n].items():
+                assert torch.equal(b["teachers"][n][key], v), (n, key)
+    last = batches[1]
+    for n in teachers:
+        assert last["teachers"][n]["present"].tolist() == [True, True, True, False, False]
+        st = last["stats"][n]
+        assert st["missing"] == 1 and st["mismatch"] == 1
+        for b in batches:
+            ids = b["teachers"][n]["target_ids"]
+            assert ids.min() >= 0 and ids.max() < student.vocab_size
+            assert b["teachers"][n]["mask"].sum() > 0
+
+    # cross-check against the teachers' dense distributions (extract's quantisation: 8-bit sqrt grid)
+    for n, (spec, tok, model, W) in teachers.items():
+        store = TeacherStore(d / f"{n}_store")
+        b = batches[0]
+        wrow = w_rows_of(W)
+        checked = 0
+        for i in (0, 3):
+            r = rows[i]
+            ex = store[r["id"]]
+            t_ids = np.asarray(ex.input_ids, np.int64)
+            logp = dense_logprobs(model, t_ids)
+            s_ids = b["input_ids"][i][b["attention_mask"][i].bool()].numpy()
+            pairs = ref_pairs(tok, student, r["text"], t_ids, s_ids)
+            tt = b["teachers"][n]
+            got = {int(p) + 1 for p in tt["positions"][i][tt["mask"][i]]}
+            ref = {s for (t, s) in pairs if t >= 1 and s >= 1}
+            assert got <= ref and len(got) >= 0.9 * len(ref)
+            if n == "tekken":
+                checked += check_targets(b, n, i, logp, t_ids, 16, wrow, pairs, tol=1e-2, n_check=12)
+            else:  # sampled tail: the tail bucket is ~0, the target holds all the mass
+                m = tt["mask"][i]
+                assert float(tt["tail_mass"][i][m].max()) < 1e-3
+                assert torch.allclose(tt["target_probs"][i][m].sum(-1), torch.ones(int(m.sum())), atol=1e-3)
+                checked += _check_topk_part(b, n, i, logp, wrow, pairs, ex)
+            check_chunks(b, n, i, logp, t_ids, pairs, tol=1e-2)
+        assert checked >= 12
+
+    # a few optimiser steps of a tiny student with both teachers: the loss decreases
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=student.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    stu = LlamaForCausalLM(cfg)
+    agg = MultiTeacherLossAggregator({"tekken": 1.0, "spm": TeacherLoss(weight=1.0, chunk_weight=0.5)}, sft_weight=0.2)
+    opt = torch.optim.Adam(stu.parameters(), lr=1e-2)
+    b = batches[0]
+    losses = []
+    for step in range(5):
+        logits = stu(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss, logs = agg(logits, b)
+        assert torch.isfinite(loss) and float(logs["kl/tekken"]) > 0 and float(logs["chunk/spm"]) != 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _check_topk_part(b, n, i, logp, wrow, pairs, ex):
+    """With sampled tails: target = projection of (top-k from the dense distribution + the stored
+    tail samples at tail_mass / m each)."""
+    tt = b["teachers"][n]
+    s2t = {s: t for t, s in pairs}
+    row_of = {int(p): j for j, p in enumerate(ex.positions)}
+    sel = np.nonzero(tt["mask"][i].numpy())[0]
+    checked = 0
+    for j in sel[np.linspace(0, len(sel) - 1, min(8, len(sel))).astype(int)]:
+        s = int(tt["positions"][i, j])
+        t = s2t[s + 1]
+        row = logp[t - 1]
+        top = np.argsort(-row, kind="stable")[:16]
+        r = row_of[t - 1]
+        tail = 1.0 - float(np.exp(row[top]).sum())
+        assert abs(float(ex.tail_mass[r]) - tail) < 1e-3
+        ref = {}
+        src = [(int(v), float(np.exp(row[v]))) for v in top] + [(int(v), tail / 4) for v in ex.tail_ids[r] if v >= 0]
+        for v, p in src:
+            for c, w in wrow(v):
+                ref[c] = ref.get(c, 0.0) + p * w
+        got = {c: p for c, p in zip(tt["target_ids"][i, j].tolist(), tt["target_probs"][i, j].tolist()) if p > 0}
+        for c, p in ref.items():
+            if p > 1e-2:
+                assert c in got and abs(got[c] - p) < 1e-2 + 0.1 * p, (c, got.get(c), p)
+        checked += 1
+    return checked
