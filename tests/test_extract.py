@@ -367,3 +367,28 @@ def test_stories260k_real_model(tmp_path):
         ref = _dense_reference(mdir, ex.input_ids, tok.vocab_size)
         _check_against_reference(ex, ref, tok.token_bytes.word_start, 16, 0)
         assert (1 - ex.tail_mass).mean() > 0.5  # a trained model: the top-16 holds most of the mass
+
+
+def test_parquet_folder_user_assistant_columns_top_p(tmp_path, model_dir, spm):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"user": ["Say hi.", "Count to three."], "assistant": ["Hi there!", "One, two, three."]}),
+                   d / "part-0.parquet")
+    extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(d), output=str(tmp_path / "s"),
+                          top_k=6, top_p=0.5, limit=2, progress=False))
+    st = TeacherStore(tmp_path / "s")
+    assert len(st) == 2 and st.manifest["top_p"] == 0.5 and st.manifest["targets"] == "assistant"
+    for ex in st:
+        ref = _dense_reference(model_dir, ex.input_ids, 32000)[ex.positions]
+        order = np.argsort(-ref, 1)[:, :6]
+        top = np.take_along_axis(ref, order, 1)
+        n_kept = np.minimum((np.cumsum(np.exp(top), 1) < 0.5).sum(1) + 1, 6)
+        kept = np.arange(6)[None] < n_kept[:, None]
+        assert np.array_equal(ex.topk_ids, np.where(kept, order, -1))
+        assert np.isneginf(ex.topk_logprobs[~kept]).all()
+        np.testing.assert_allclose(ex.tail_mass, 1 - (np.exp(top) * kept).sum(1), rtol=2e-5, atol=1e-6)
+        got = spm.decode_bytes(ex.input_ids[ex.positions + 1]).decode()
+        assert "Say hi" not in got and "Count to three" not in got and ("Hi there" in got or "One, two" in got)

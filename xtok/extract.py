@@ -110,10 +110,9 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
         tl = logits.gather(1, tgt.clamp(0, V - 1)[:, None]).squeeze(-1)
         # one exp pass: probs = exp(logits - max) in place, lse = max + log(sum)
         mx = vals[:, :1]
-        probs = logits.sub_(mx).exp_()                       # (logits is consumed)
+        probs = logits.sub_(mx).exp_()                       # unnormalised; logits is consumed
         z = probs.sum(-1, keepdim=True)
         lse = mx + z.log()
-        probs.div_(z)
         lp = vals - lse
         tlp = tl - lse.squeeze(-1)
         if top_p is not None:
@@ -123,12 +122,12 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
             n_kept = torch.full((h.shape[0],), k, dtype=torch.long, device=dev)
         kept = torch.arange(k, device=dev)[None, :] < n_kept[:, None]
         if ws is not None:
-            wsm = probs @ ws.to(probs.dtype)
+            wsm = (probs @ ws.to(probs.dtype)) / z.squeeze(-1)
         else:
             wsm = torch.zeros_like(tlp)
         # tail: zero the kept top-k entries and sum what is left (no cancellation for tiny tails)
-        probs.scatter_(1, ids, torch.where(kept, torch.zeros_like(vals), vals.sub(lse).exp()))
-        tail_mass = probs.sum(-1)
+        probs.scatter_(1, ids, torch.where(kept, torch.zeros_like(vals), vals.sub(mx).exp()))
+        tail_mass = probs.sum(-1) / z.squeeze(-1)
         if m:
             u = uniforms[s: s + chunk_rows].to(dev, torch.float32)
             cdf = torch.cumsum(probs, dim=-1)
