@@ -564,6 +564,44 @@ def test_fuzz_unicode(all_toks, text, text2, cut):
                 tt.token_bytes, t_ids, st_.token_bytes, s_ids, pairs, tt.prefix_space, st_.prefix_space)
 
 
+def _segment(data: bytes, cuts, specials_at, prefix):
+    """A random tokenisation of `data`: pieces between cuts, special (None) tokens inserted."""
+    bounds = sorted({0, len(data), *[c for c in cuts if 0 < c < len(data)]})
+    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    for k in sorted(specials_at, reverse=True):
+        pieces.insert(min(k, len(pieces)), None)
+    if prefix and pieces and pieces[0]:
+        pieces[0] = b" " + pieces[0]
+    return pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=40), edit=st.binary(max_size=6), at=st.integers(0, 40),
+       cut_t=st.lists(st.integers(0, 40), max_size=20), cut_s=st.lists(st.integers(0, 40), max_size=20),
+       sp_t=st.lists(st.integers(0, 20), max_size=3), sp_s=st.lists(st.integers(0, 20), max_size=3),
+       ps_t=st.booleans(), do_edit=st.booleans())
+def test_fuzz_segmentations(data, edit, at, cut_t, cut_s, sp_t, sp_s, ps_t, do_edit):
+    """Random segmentations (with specials, a dummy prefix, an edit) of random bytes: align equals
+    the union-find reference on the DP matching, or on the identity when the streams are equal."""
+    other = data[:at] + edit + data[at + 2:] if do_edit else data
+    tp, sp_ = _segment(data, cut_t, sp_t, ps_t), _segment(other, cut_s, sp_s, False)
+    tb, sb = TokenBytes.from_list(tp), TokenBytes.from_list(sp_)
+    t_ids, s_ids = np.arange(len(tp)), np.arange(len(sp_))
+    c, tg, sg, info = align_arrays(tb.data, tb.offsets, tb.is_special, sb.data, sb.offsets, sb.is_special,
+                                   t_ids, s_ids, ps_t, False)
+    al = Alignment(c, tg, sg)
+    check_contract(tb, t_ids, sb, s_ids, al, ps_t, False)
+    ident = ref_identity_chunks(tb, t_ids, sb, s_ids, ps_t, False)
+    if ident is not None:
+        assert info[0] == "exact" and [tuple(r) for r in c.tolist()] == ident[0]
+        return
+    A, B = tb.concat(t_ids), sb.concat(s_ids)
+    mt, _ = byte_match(np.frombuffer(A, np.uint8), np.frombuffer(B, np.uint8))
+    pairs = [(i, int(mt[i])) for i in range(len(A)) if mt[i] >= 0]
+    assert matching_cost(len(A), len(B), pairs) == ref_gotoh(A, B)[0]
+    assert [tuple(r) for r in c.tolist()] == ref_chunks(tb, t_ids, sb, s_ids, pairs, ps_t, False)
+
+
 # --------------------------------------------------------------------------------------------
 # API details, errors, CLI
 # --------------------------------------------------------------------------------------------
