@@ -551,7 +551,7 @@ def _run_batch(batch, body, weight, bias, softcap, Vt, ws_mask, cfg, device, chu
                                               for e, c in zip(batch, counts)]))
     with torch.inference_mode():
         ids_t = torch.as_tensor(ids, device=device)
-        out = body(input_ids=ids_t, attention_mask=torch.as_tensor(att, device=device))
+        out = body(input_ids=ids_t, attention_mask=torch.as_tensor(att, device=device), use_cache=False)
         hid = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
         h = hid.reshape(B * T, -1)[torch.as_tensor(flat, device=device)]
         del out, hid
