@@ -89,7 +89,9 @@ def _child(method, V, n):
 def _measure(method, V, n):
     out = subprocess.run([sys.executable, __file__, method, str(V), str(n)], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n  run: {res}", flush=True)
+    return res
 
 
 @pytest.mark.parametrize("V", [32768, 131072])
@@ -105,7 +107,9 @@ def test_bench_kl_fused_vs_chunked_vs_naive(V):
     else:
         a, b = _measure("naive", V, N // 4), _measure("naive", V, N // 2)
         slope = (b["peak_mib"] - a["peak_mib"]) / (N // 4)
-        naive = {"time_s": b["time_s"] * 2, "cpu_s": b["cpu_s"] * 2,  # time: 2x the N/2 run (linear) "peak_mib": b["peak_mib"] + slope * (N // 2), "loss": b["loss"],
+        # time: 2x the N/2 run (linear in N); memory: the line through N/4 and N/2, at N
+        naive = {"time_s": b["time_s"] * 2, "cpu_s": b["cpu_s"] * 2, "peak_mib": b["peak_mib"] + slope * (N // 2),
+                 "loss": b["loss"],
                  "at_n": N // 2, "loss_at_n": b}
         how = f"extrapolated from N={N // 4} ({a['peak_mib']:.0f} MiB), N={N // 2} ({b['peak_mib']:.0f} MiB)"
         fused_half = _measure("fused", V, N // 2)

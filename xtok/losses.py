@@ -333,8 +333,9 @@ class _RowLossFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         plan, cd = ctx.plan, ctx.cd
         x, weight = ctx.saved_tensors
-        gx = torch.zeros_like(x)
-        gx_flat = gx.view(-1, x.shape[-1])
+        need_x = ctx.needs_input_grad[1]
+        gx = torch.zeros_like(x) if need_x else None  # e.g. frozen hidden states: only grad_W
+        gx_flat = gx.view(-1, x.shape[-1]) if need_x else None
         gw = None
         if weight is not None and ctx.needs_input_grad[2]:
             gw = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
@@ -350,7 +351,8 @@ class _RowLossFunction(torch.autograd.Function):
                     gx_flat.index_copy_(0, rows, gz.to(x.dtype))
                 else:
                     common = torch.promote_types(h.dtype, weight.dtype)
-                    gx_flat.index_copy_(0, rows, (gz.to(common) @ weight.to(common)).to(x.dtype))
+                    if need_x:
+                        gx_flat.index_copy_(0, rows, (gz.to(common) @ weight.to(common)).to(x.dtype))
                     if gw is not None:
                         gw.addmm_(gz.to(gw.dtype).t(), h.to(gw.dtype))
                 del gz
