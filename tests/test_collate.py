@@ -53,12 +53,12 @@ def make_example(ids, logp, k, positions=None, tail_m=0, seed=0):
     return ex
 
 
-def random_w(vt, vs, seed=0):
-    """A row-stochastic sparse W [V_t, V_s] (1-3 entries per row) as a real ProjectionMatrix."""
+def random_w(vt, vs, seed=0, max_nnz=3):
+    """A row-stochastic sparse W [V_t, V_s] (1..max_nnz entries per row) as a real ProjectionMatrix."""
     from xtok.projection import ProjectionMatrix
 
     rng = np.random.default_rng(seed)
-    nnz = rng.integers(1, 4, vt)
+    nnz = rng.integers(1, max_nnz + 1, vt)
     indptr = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
     cols = rng.integers(0, vs, indptr[-1])
     v = rng.random(indptr[-1]) + 0.05
@@ -192,13 +192,18 @@ def spm_teacher(spm, text_rows):
     return data
 
 
-@pytest.mark.parametrize("path", ["kernel", "project"])
+@pytest.mark.parametrize("path", ["kernel", "onehot", "project"])
 def test_targets_match_dense_reference(spm, tek, text_rows, spm_teacher, path):
+    """kernel: general CSR kernel; onehot: the one-entry-per-row kernel (first-token W, several
+    teacher ids sharing student ids); project: fallback through W.project()."""
     k = 16
-    W = random_w(spm.vocab_size, tek.vocab_size, seed=3)
-    W = W if path == "kernel" else ProjectOnly(W)
+    W = random_w(spm.vocab_size, 3000 if path == "onehot" else tek.vocab_size, seed=3,
+                 max_nnz=1 if path == "onehot" else 3)
+    W = ProjectOnly(W) if path == "project" else W
     store = DictStore({key: make_example(ids, lp, k) for key, (ids, lp) in spm_teacher.items()})
     col = CrossTokenizerCollator(tek, [TeacherSpec("spm", spm, store, W)], max_length=4096)
+    pj = col.teachers[0].projector(col.student)
+    assert (pj.csr is None) == (path == "project") and (pj.onehot is not None) == (path == "onehot")
     batch = col(text_rows)
     st = batch["stats"]["spm"]
     assert st["present"] == len(text_rows) and st["missing"] == 0 and st["mismatch"] == 0
@@ -534,3 +539,22 @@ def _check_topk_part(b, n, i, logp, wrow, pairs, ex):
                 assert c in got and abs(got[c] - p) < 1e-2 + 0.1 * p, (c, got.get(c), p)
         checked += 1
     return checked
+
+
+def test_keys_match_store_rule(spm):
+    """Rows link to store examples by xtok.store.example_key, as `xtok extract` computed it
+    (content hash of text / messages / user+assistant when there is no id)."""
+    from xtok.store import example_key
+
+    col = CrossTokenizerCollator(spm, [], text_column="body")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    assert col.tokenize({"body": "some text"}).key == example_key({"text": "some text"})
+    assert col.tokenize({"id": 7, "body": "x"}).key == "7"
+    assert col.tokenize({"messages": msgs}).key == example_key({"messages": msgs})
+    ua = col.tokenize({"user": "Hi", "assistant": "Hello there."})
+    assert ua.key == example_key({"user": "Hi", "assistant": "Hello there."})
+    assert ua.input_ids.tolist() == col.tokenize({"messages": msgs}).input_ids.tolist()
+    lab = ua.labels[ua.labels != -100]
+    assert spm.decode_bytes(lab).strip() == b"Hello there."
+    with pytest.raises(ValueError, match="unique"):
+        CrossTokenizerCollator(spm, [TeacherSpec("a", spm, {}, None), TeacherSpec("a", spm, {}, None)], validate=False)

@@ -111,6 +111,52 @@ def _project_rows_py(indptr, cols, vals, n_student, max_row_nnz, rows, topk_ids,
     return out_ids[:pos], out_p[:pos], offsets, tail
 
 
+def _project_rows_onehot_py(col_of, val_of, n_student, rows, topk_ids, topk_p, tail_ids, tail_w):
+    """`_project_rows` for a W with at most one entry per row (first-token projections):
+    col_of[t] / val_of[t] = the student id / weight of teacher id t's entry (-1: empty row)."""
+    n = rows.shape[0]
+    k = topk_ids.shape[1]
+    m = tail_ids.shape[1]
+    out_ids = np.empty(n * (k + m), np.int32)
+    out_p = np.empty(n * (k + m), np.float32)
+    offsets = np.empty(n + 1, np.int64)
+    tail = np.empty(n, np.float32)
+    slot = np.full(n_student, -1, np.int32)
+    pos = 0
+    for i in range(n):
+        r = rows[i]
+        base = pos
+        offsets[i] = base
+        for j in range(k + m):
+            if j < k:
+                t = topk_ids[r, j]
+                p = topk_p[r, j]
+            else:
+                t = tail_ids[r, j - k]
+                p = tail_w[r]
+            if t < 0 or not p > 0:
+                continue
+            c = col_of[t]
+            if c < 0:
+                continue
+            p = p * val_of[t]
+            s = slot[c]
+            if s < 0:
+                slot[c] = pos - base
+                out_ids[pos] = c
+                out_p[pos] = p
+                pos += 1
+            else:
+                out_p[base + s] += p
+        tot = 0.0
+        for j in range(base, pos):
+            tot += out_p[j]
+            slot[out_ids[j]] = -1
+        tail[i] = max(0.0, 1.0 - tot)
+    offsets[n] = pos
+    return out_ids[:pos], out_p[:pos], offsets, tail
+
+
 def _fill_rows_py(flat_ids, flat_p, offsets, out_ids, out_p):
     """Scatter a flat CSR result into padded [n, K] arrays (already zeroed)."""
     for i in range(offsets.shape[0] - 1):
@@ -140,24 +186,17 @@ def _kernel(name: str):
 
 
 def example_key(row: Mapping, key_column: str | None = None) -> str:
-    """The key linking a dataset row to teacher-store examples: the store's own rule
-    (`xtok.store.example_key`) when available, else the row's id/key column, else a content hash."""
-    try:
-        from .store import example_key as store_key  # the store owns the rule
-    except Exception:  # noqa: BLE001  (store module absent or without the helper)
-        store_key = None
-    if store_key is not None:
-        try:
-            return store_key(row, key_column) if key_column is not None else store_key(row)
-        except TypeError:
-            return store_key(row)
-    cols = [key_column] if key_column else ["id", "key"]
-    for c in cols:
-        if c in row and row[c] is not None:
-            return str(row[c])
-    content = row.get("messages", row.get("text"))
-    blob = json.dumps(content, ensure_ascii=False, sort_keys=True) if not isinstance(content, str) else content
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    """The key linking a dataset row to teacher-store examples: `xtok.store.example_key`, the rule
+    `xtok extract` used (the key column / `id` / `key`, else a content hash)."""
+    global _STORE_KEY
+    if _STORE_KEY is None:
+        from .store import example_key as _k
+
+        _STORE_KEY = _k
+    return _STORE_KEY(row, key_column)
+
+
+_STORE_KEY = None
 
 
 @dataclass
@@ -291,7 +330,19 @@ class _Projector:
     def __init__(self, proj):
         self.proj = proj
         self.csr = _csr_of(proj)
-        self.max_row_nnz = int(np.diff(self.csr[0]).max()) if self.csr is not None and self.csr[0].shape[0] > 1 else 1
+        self.onehot = None
+        self.max_row_nnz = 1
+        if self.csr is not None:
+            indptr, cols, vals, _ = self.csr
+            nnz = np.diff(indptr)
+            self.max_row_nnz = int(nnz.max()) if nnz.size else 1
+            if self.max_row_nnz <= 1:  # first-token W: one gather per teacher id
+                has = nnz > 0
+                col_of = np.full(nnz.shape[0], -1, np.int32)
+                val_of = np.zeros(nnz.shape[0], np.float32)
+                col_of[has] = cols[indptr[:-1][has]]
+                val_of[has] = vals[indptr[:-1][has]]
+                self.onehot = (col_of, val_of)
 
     def __call__(self, ex, rows: np.ndarray):
         topk_ids = np.asarray(ex.topk_ids)
@@ -310,10 +361,14 @@ class _Projector:
             topk_p = np.exp(topk_lp, dtype=np.float32)  # numpy's SIMD exp
             if tail_ids is None:
                 tail_ids, tw = np.zeros((1, 0), np.int32), np.zeros(1, np.float32)
-            return _kernel("_project_rows")(indptr, cols, vals, n_s, self.max_row_nnz,
-                                            np.ascontiguousarray(rows, dtype=np.int64),
-                                            np.ascontiguousarray(topk_ids), topk_p, np.ascontiguousarray(tail_ids),
-                                            np.ascontiguousarray(tw, dtype=np.float32))
+            rows = np.ascontiguousarray(rows, dtype=np.int64)
+            topk_ids, tail_ids = np.ascontiguousarray(topk_ids), np.ascontiguousarray(tail_ids)
+            tw = np.ascontiguousarray(tw, dtype=np.float32)
+            if self.onehot is not None:
+                return _kernel("_project_rows_onehot")(self.onehot[0], self.onehot[1], n_s, rows, topk_ids, topk_p,
+                                                       tail_ids, tw)
+            return _kernel("_project_rows")(indptr, cols, vals, n_s, self.max_row_nnz, rows, topk_ids, topk_p,
+                                            tail_ids, tw)
         ids = topk_ids[rows].astype(np.int64)
         probs = np.exp(topk_lp[rows], dtype=np.float32)
         if tail_ids is not None:
@@ -378,10 +433,18 @@ def _empty_targets(present: bool, counts: dict) -> TeacherTargets:
 
 
 def _align_chunks(teacher: Tokenizer, student: Tokenizer, t_ids: np.ndarray, s_ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """Alignment chunks int64 [n, 4] and the path taken ('exact' | 'dp'), via the bulk entry point."""
+    """Alignment chunks int64 [n, 4] and the path taken ('exact' | 'dp'), via the bulk entry point.
+
+    Each side is first cut to the other side's byte length (+ 1/8 + 256 bytes of slack): text one side
+    lacks cannot align, and stores extracted at a longer max_length than the student's then cost an
+    exact merge instead of a DP over the whole cut-off tail. Chunk indices refer to the uncut ids."""
     from .align import align_arrays
 
     tb, sb = teacher.token_bytes, student.token_bytes
+    t_end, s_end = np.cumsum(tb.lengths[t_ids]), np.cumsum(sb.lengths[s_ids])
+    nt, ns = (int(t_end[-1]) if t_end.size else 0), (int(s_end[-1]) if s_end.size else 0)
+    t_ids = t_ids[: int(np.searchsorted(t_end, ns + ns // 8 + 256, side="right"))]
+    s_ids = s_ids[: int(np.searchsorted(s_end, nt + nt // 8 + 256, side="right"))]
     chunks, _tg, _sg, info = align_arrays(tb.data, tb.offsets, tb.is_special, sb.data, sb.offsets, sb.is_special,
                                           t_ids, s_ids)
     return np.asarray(chunks, dtype=np.int64).reshape(-1, 4), str(info[0])
@@ -529,23 +592,36 @@ class CrossTokenizerCollator:
         return 0
 
     # -- student side ------------------------------------------------------------------------
+    def _key_row(self, row: Mapping) -> Mapping:
+        """The fields the key rule reads, under the names `xtok extract` gives them."""
+        if self.key_column is not None or any(row.get(c) is not None for c in ("id", "key")):
+            return row
+        if row.get(self.messages_column) is not None:
+            return {"messages": row[self.messages_column]}
+        if row.get(self.text_column) is not None:
+            return {"text": row[self.text_column]}
+        return {c: row[c] for c in ("user", "assistant") if c in row}
+
     def tokenize(self, row) -> StudentExample:
         """Student ids + labels of one row (text: every token; chat: assistant tokens)."""
         if isinstance(row, str):
             row = {self.text_column: row}
-        key = example_key(row, self.key_column)
+        key = example_key(self._key_row(row), self.key_column)
         msgs = row.get(self.messages_column)
+        if msgs is None and row.get(self.text_column) is None and "user" in row and "assistant" in row:
+            msgs = [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
         if msgs is not None:
             from .chat import render_chat
 
+            msgs = [{k: v for k, v in m.items() if v is not None} for m in msgs]
             r = render_chat(self.student, msgs, template=self.chat_template)
             ids = np.asarray(r.ids, dtype=np.int64)
             labels = np.where(r.assistant_mask, ids, IGNORE_INDEX)
         else:
             text = row.get(self.text_column)
             if not isinstance(text, str):
-                raise ValueError(f"row has neither a {self.text_column!r} string nor {self.messages_column!r}: "
-                                 f"keys {sorted(row)!r}")
+                raise ValueError(f"row has no {self.text_column!r} string, {self.messages_column!r} list or "
+                                 f"'user'+'assistant' columns: keys {sorted(row)!r}")
             ids = self.student.encode(text, add_special_tokens=self.add_special_tokens)
             labels = ids.copy()
         trunc = ids.shape[0] > self.max_length
