@@ -571,3 +571,19 @@ def test_keys_match_store_rule(spm):
     assert spm.decode_bytes(lab).strip() == b"Hello there."
     with pytest.raises(ValueError, match="unique"):
         CrossTokenizerCollator(spm, [TeacherSpec("a", spm, {}, None), TeacherSpec("a", spm, {}, None)], validate=False)
+
+
+def test_hash_checks(e2e):
+    """A store or W made for another tokenizer is refused when the collator is built."""
+    from xtok.projection import ProjectionError
+
+    d, rows, student, teachers = e2e
+    with pytest.raises(ValueError, match="tokenizer hash"):  # tekken store, SentencePiece tokenizer
+        CrossTokenizerCollator(_student_spec(), [TeacherSpec("x", MISTRAL_SPM, str(d / "tekken_store"),
+                                                             str(d / "spm_W.safetensors"))])
+    with pytest.raises(ProjectionError, match="built for teacher"):  # spm store, tekken W
+        CrossTokenizerCollator(_student_spec(), [TeacherSpec("x", MISTRAL_SPM, str(d / "spm_store"),
+                                                             str(d / "tekken_W.safetensors"))])
+    with pytest.raises(ProjectionError, match="built for student"):  # right W, other student
+        CrossTokenizerCollator(TEKKEN, [TeacherSpec("x", MISTRAL_SPM, str(d / "spm_store"),
+                                                    str(d / "spm_W.safetensors"))])
