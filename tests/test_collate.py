@@ -587,3 +587,65 @@ def test_hash_checks(e2e):
     with pytest.raises(ProjectionError, match="built for student"):  # right W, other student
         CrossTokenizerCollator(TEKKEN, [TeacherSpec("x", MISTRAL_SPM, str(d / "spm_store"),
                                                     str(d / "spm_W.safetensors"))])
+
+
+def test_chat_store_from_extract(e2e, tmp_path):
+    """A chat store from `xtok extract` (teacher's own template, assistant-only positions) against a
+    student rendering the same messages with another template (ChatML)."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from xtok.chat import DEFAULT_TEMPLATES, render_chat
+    from xtok.cli import main
+    from xtok.store import TeacherStore
+
+    d, rows, student, teachers = e2e
+    spec, tok, model, W = teachers["spm"]
+    chats = [{"id": f"c{i}", "messages": [
+        {"role": "user", "content": rows[i]["text"][:120]},
+        {"role": "assistant", "content": rows[i + 1]["text"][:300]}]} for i in range(3)]
+    with open(tmp_path / "chat.jsonl", "w", encoding="utf-8") as f:
+        for r in chats:
+            f.write(_json.dumps(r) + "\n")
+    res = CliRunner().invoke(main, ["extract", "-m", str(d / "spm_model"), "--tokenizer", spec, "-d",
+                                    str(tmp_path / "chat.jsonl"), "-o", str(tmp_path / "store"), "-k", "16",
+                                    "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    col = CrossTokenizerCollator(_student_spec(), [TeacherSpec("spm", spec, str(tmp_path / "store"),
+                                                               str(d / "spm_W.safetensors"))],
+                                 chat_template=DEFAULT_TEMPLATES["chatml"])
+    b = col(chats)
+    tt, st = b["teachers"]["spm"], b["stats"]["spm"]
+    assert tt["present"].all() and st["mismatch"] == 0
+    store = TeacherStore(tmp_path / "store")
+    for i, r in enumerate(chats):
+        ex = store[r["id"]]
+        rs = render_chat(student, r["messages"], template=DEFAULT_TEMPLATES["chatml"])
+        lab = b["labels"][i].numpy()
+        assert np.array_equal(lab[: len(rs.ids)] != -100, rs.assistant_mask)
+        pos = tt["positions"][i][tt["mask"][i]].numpy()
+        assert len(pos) > 0.8 * int(rs.assistant_mask.sum()) - 5 and (lab[pos + 1] != -100).all()
+        # cross-check a few targets: the teacher position holding the same assistant byte
+        logp = dense_logprobs(model, np.asarray(ex.input_ids, np.int64))
+        c = r["messages"][1]["content"].encode()
+        sb, tb = rs.text.encode(), ex.text.encode()
+        a_s, a_t = sb.find(c), tb.find(c)
+        t_off = tok.encode_with_offsets(ex.text)[1]
+        extra = len(ex.input_ids) - len(t_off)
+        t_start = {int(o[0]): j + extra for j, o in enumerate(t_off)}
+        for j in np.linspace(0, len(pos) - 1, 5).astype(int):
+            s = int(pos[j]) + 1
+            o = int(rs.offsets[s, 0]) - a_s
+            t = t_start.get(a_t + o, t_start.get(a_t + o - 1))  # SentencePiece tokens carry the space
+            assert t is not None and (t - 1) in set(ex.positions.tolist())
+            row = logp[t - 1]
+            top = np.argsort(-row, kind="stable")[:16]
+            ref = {}
+            for v in top.tolist():
+                for cc, w in w_rows_of(W)(v):
+                    ref[cc] = ref.get(cc, 0.0) + float(np.exp(row[v])) * w
+            got = {cc: p for cc, p in zip(tt["target_ids"][i, j].tolist(), tt["target_probs"][i, j].tolist()) if p > 0}
+            for cc, p in ref.items():
+                if p > 1e-2:
+                    assert cc in got and abs(got[cc] - p) < 1e-2 + 0.1 * p
