@@ -28,8 +28,6 @@ and the teachers only.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -218,11 +216,11 @@ class TeacherSpec:
     (`xtok build-projection` output) from its vocabulary into the student's.
 
     tokenizer/store/projection may be paths/specs (opened lazily in each worker; preferred) or
-    already-loaded objects. `weight` is passed on to the losses (`batch["teachers"][name]["weight"]`
-    is not emitted; the aggregator owns weights). `min_coverage`: an example whose alignment covers
-    less than this fraction of the student's trained text tokens (within the aligned range) is
-    treated as a text mismatch (present = False). `check_hashes`: verify the store's and W's
-    tokenizer hashes against the tokenizers.
+    already-loaded objects. `weight` is not used by the collator (the loss aggregator owns the
+    weights; keep them here to configure both from one list). `min_coverage`: an example whose
+    alignment covers less than this fraction of the student's trained text tokens (within the
+    aligned range) is treated as a text mismatch (present = False). `check_hashes`: verify the
+    store's and W's tokenizer hashes against the tokenizers.
     """
 
     name: str
@@ -232,7 +230,6 @@ class TeacherSpec:
     weight: float = 1.0
     min_coverage: float = 0.5
     check_hashes: bool = True
-    key_column: str | None = None
     _tok: Any = field(default=None, init=False, repr=False, compare=False)
     _store: Any = field(default=None, init=False, repr=False, compare=False)
     _proj: Any = field(default=None, init=False, repr=False, compare=False)
