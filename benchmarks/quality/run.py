@@ -132,11 +132,22 @@ def _worker_init(threads: int):
 
 
 def _log_run(run: dict, t_start: float):
+    if "error" in run:
+        print(f"{run['method']:14s} seed {run['seed']}: FAILED {run['error']}", flush=True)
+        return
     print(f"{run['method']:14s} seed {run['seed']}: held-out bpb {run['bpb']:.4f}  (train "
           f"{run['train_seconds']:.0f}s, elapsed {time.time() - t_start:.0f}s)", flush=True)
 
 
 def run_job(job: dict, corpus=None, teacher=None, ctx: dict | None = None) -> dict:
+    try:
+        return _run_job(job, corpus, teacher, ctx)
+    except Exception as e:  # noqa: BLE001 - one failed student must not lose the others
+        traceback.print_exc()
+        return {"method": job["method"], "seed": job["seed"], "error": f"{type(e).__name__}: {e}"}
+
+
+def _run_job(job: dict, corpus=None, teacher=None, ctx: dict | None = None) -> dict:
     """Train and evaluate one student (method, seed). In a worker process the corpus and the teacher
     are rebuilt / loaded from the cache once per process."""
     from transformers import LlamaForCausalLM
@@ -253,6 +264,10 @@ def main(argv=None):
             _log_run(run, t_start)
             results[run.pop("method")]["runs"].append(run)
     for m in methods:
+        errs = [r for r in results[m]["runs"] if "error" in r]
+        results[m]["runs"] = [r for r in results[m]["runs"] if "error" not in r]
+        if errs and not results[m]["runs"]:
+            results[m]["skipped"] = errs[0]["error"]
         results[m]["runs"].sort(key=lambda r: r["seed"])
         if results[m]["runs"]:
             results[m]["bpb"] = summarise([r["bpb"] for r in results[m]["runs"]])
