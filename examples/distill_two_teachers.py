@@ -71,11 +71,13 @@ def main():
     if not (t2 / "config.json").exists():
         tiny_llama(xtok.load_tokenizer(str(gpt2_tok)).vocab_size, 32, seed=0).save_pretrained(t2)
 
-    # 1. extract each teacher once (resumable; re-running skips finished shards)
-    sh(XTOK, "extract", "-m", str(t1), "-d", str(data), "-o", str(work / "store-stories"), "-k", "16",
-       "--device", "cpu", "-q")
-    sh(XTOK, "extract", "-m", str(t2), "--tokenizer", str(gpt2_tok), "-d", str(data),
-       "-o", str(work / "store-gpt2"), "-k", "16", "--device", "cpu", "-q")
+    # 1. extract each teacher once (a finished store has a manifest.json; skip it then)
+    if not (work / "store-stories" / "manifest.json").exists():
+        sh(XTOK, "extract", "-m", str(t1), "-d", str(data), "-o", str(work / "store-stories"), "-k", "16",
+           "--device", "cpu", "-q")
+    if not (work / "store-gpt2" / "manifest.json").exists():
+        sh(XTOK, "extract", "-m", str(t2), "--tokenizer", str(gpt2_tok), "-d", str(data),
+           "-o", str(work / "store-gpt2"), "-k", "16", "--device", "cpu", "-q")
     # 2. one projection per (teacher tokenizer, student tokenizer)
     for name, tok in (("stories", str(t1)), ("gpt2", str(gpt2_tok))):
         if not (work / f"W-{name}.safetensors").exists():
