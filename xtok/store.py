@@ -380,7 +380,9 @@ class StoreWriter:
     def _check_compatible(self, overwrite: bool):
         heads = []
         if self.io.exists("manifest.json"):
-            heads.append(json.loads(self.io.read_bytes("manifest.json")).get("header", {}))
+            # the manifest is the shared header plus the merged fields (see merge_manifests)
+            man = json.loads(self.io.read_bytes("manifest.json"))
+            heads.append({k: v for k, v in man.items() if k not in _MERGED_FIELDS})
         for name in self.io.listdir("parts"):
             if name.endswith(".json"):
                 heads.append(json.loads(self.io.read_bytes(f"parts/{name}")).get("header", {}))
@@ -459,6 +461,10 @@ class StoreWriter:
             self.part["stats"] = stats
         self._write_part()
         return merge_manifests(self.io.url, require_complete=True, quiet=True)
+
+
+# manifest.json = the rank parts' shared header + these fields, written by merge_manifests
+_MERGED_FIELDS = ("n_examples", "skipped", "stats", "shards")
 
 
 def merge_manifests(path, require_complete: bool = True, quiet: bool = False) -> dict | None:
