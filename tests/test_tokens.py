@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ASSETS, MISTRAL_SPM, TEKKEN, asset
+from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN, asset
 from xtok.tokens import TokenBytes, TokenizerLoadError, bytes_to_unicode, load_tokenizer
 
 TEXT = (
@@ -161,6 +161,27 @@ def test_encode_with_offsets_spans_hold_token_bytes(spm_tok, tekken_tok):
                 assert tb_text[s:e].decode() in tok.special_tokens
             else:
                 assert tb_text[s:e] == b or (tok.prefix_space and b[:1] == b" " and tb_text[s:e] == b[1:])
+
+
+@pytest.mark.parametrize("text", [
+    "[INST] What is it?[/INST] A fox.</s>[INST]\nNext  one[/INST]\n\n  ok.</s>",
+    "<s>[INST]x[/INST] \t tab[INST]  two spaces[/INST]",
+])
+def test_offsets_tile_the_text_around_control_tokens(text):
+    """SentencePiece adds its dummy-prefix space to every part between control tokens, also to a part
+    that starts with a space or newline: spans must still tile the text exactly (no drift)."""
+    tok = load_tokenizer(MISTRAL_SPM_V3)
+    assert tok.token_bytes.is_special[tok.special_tokens["[INST]"]]
+    tb_text = text.encode()
+    ids, off = tok.encode_with_offsets(text)
+    assert np.array_equal(ids, tok.encode(text))
+    assert off[0, 0] == 0 and off[-1, 1] == len(tb_text) and np.array_equal(off[1:, 0], off[:-1, 1])
+    for i, (s, e) in zip(ids.tolist(), off.tolist()):
+        if tok.token_bytes.is_special[i]:
+            assert tb_text[s:e].decode() in tok.special_tokens
+        else:  # the token's bytes, or the same without the dummy-prefix space
+            b = tok.token_bytes.get(i)
+            assert tb_text[s:e] == b or (b[:1] == b" " and tb_text[s:e] == b[1:])
 
 
 def test_load_errors_name_the_path(tmp_path):

@@ -216,8 +216,11 @@ class Tokenizer:
             else:
                 ids = np.asarray(self._backend.encode(part, False, False, self), dtype=np.int64)
                 lens = self.token_bytes.lengths[ids].copy()
-                if self.prefix_space and lens.size and not part.startswith(" ") and self.token_bytes.word_start[ids[0]]:
-                    lens[0] -= 1  # dummy-prefix space is not in the text
+                if self.prefix_space and lens.size and lens.sum() == nbytes + 1 and self.token_bytes.word_start[ids[0]]:
+                    # SentencePiece's dummy-prefix space is not in the text. It is added to every part,
+                    # also one that starts with a space or newline (' What' -> '▁', '▁What'), so the
+                    # first token may become zero-width.
+                    lens[0] -= 1
                 ends = pos + np.cumsum(lens)
                 all_ids.append(ids)
                 all_off.append(np.stack([ends - lens, ends], axis=1) if lens.size else np.zeros((0, 2), np.int64))
