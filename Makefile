@@ -8,7 +8,7 @@ $(BIN)/.xtok-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: pip takes the local CPU wheel (find-links); override with TORCH_WHEEL=...
-	$(BIN)/python -m pip install -q "$(TORCH_WHEEL)"
+	$(BIN)/python -m pip install -q $(TORCH_WHEEL)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
