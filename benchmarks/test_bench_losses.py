@@ -11,6 +11,12 @@ so RSS follows live tensor bytes closely. Time: wall seconds and process CPU sec
 same region; on a shared machine the CPU seconds are the steadier figure. When the naive run would not fit in XTOK_BENCH_MAX_GB
 (default 8 GiB; the machine is shared), it is measured at N/2 and N/4 positions and extrapolated
 linearly to N (its memory is linear in N: all [N, V] tensors); the line then says `extrapolated`.
+`XTOK_BENCH_MAX_GB=16` measures every path directly at V = 128k, N = 8k (the naive run peaks at
+~12 GiB, the chunked one at ~8 GiB; run that alone on a 24 GiB machine). docs/losses.md has the figures.
+
+`test_bench_kl_noncontiguous_logits`: the chunked path from a strided view (`logits[:, :-1]`) against
+the same logits made contiguous, CPU seconds of forward + backward (a chunk must read only its rows;
+`x.reshape(-1, V)` used to copy the whole view once per chunk, in forward and backward).
 """
 from __future__ import annotations
 
@@ -141,6 +147,42 @@ def test_bench_kl_fused_vs_chunked_vs_naive(V):
     report("losses.kl_fused_chunked_naive", **fields)
     assert fused["peak_mib"] <= naive["peak_mib"] / 4
     assert naive["rel_loss_diff"] < 1e-4
+
+
+def test_bench_kl_noncontiguous_logits():
+    import torch
+
+    from benchmarks.conftest import report
+    from xtok.losses import CrossTokenizerKLLoss
+
+    torch.set_num_threads(int(os.environ.get("XTOK_BENCH_THREADS", "2")))
+    V, B, T = 32768, 4, 1024  # 8 chunks of 512 rows
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(B, T + 1, V, generator=g)
+    _, _, tb = _inputs(V, B * T)
+    loss_fn = CrossTokenizerKLLoss("forward")
+    res = {}
+    for kind in ("contiguous", "sliced", "contiguous", "sliced"):  # best of two each
+        if kind == "contiguous":
+            x = base[:, :-1].contiguous().requires_grad_(True)
+        else:  # a strided view of a leaf, as logits[:, :-1] of a model's output
+            x = base.clone().requires_grad_(True)[:, :-1]
+        c0 = time.process_time()
+        loss = loss_fn(x, tb)
+        c1 = time.process_time()
+        (gx,) = torch.autograd.grad(loss, x)
+        c2 = time.process_time()
+        prev = res.get(kind)
+        if prev is None or c2 - c0 < prev["cpu_s"]:
+            res[kind] = {"cpu_s": c2 - c0, "fwd_cpu_s": c1 - c0, "bwd_cpu_s": c2 - c1, "loss": loss.item(),
+                         "g": float(gx.double().abs().sum())}
+        del x, gx, loss
+    c, s = res["contiguous"], res["sliced"]
+    report("losses.kl_noncontiguous_logits", V=V, rows=B * T, contiguous_cpu_s=c["cpu_s"], sliced_cpu_s=s["cpu_s"],
+           sliced_fwd_cpu_s=s["fwd_cpu_s"], sliced_bwd_cpu_s=s["bwd_cpu_s"], contiguous_fwd_cpu_s=c["fwd_cpu_s"],
+           contiguous_bwd_cpu_s=c["bwd_cpu_s"], cpu_ratio_sliced_over_contiguous=s["cpu_s"] / c["cpu_s"])
+    assert s["loss"] == c["loss"] and s["g"] == c["g"]
+    assert s["cpu_s"] <= 1.5 * c["cpu_s"]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """xtok.losses against dense float64 references written here independently (full softmax, python
 loops over positions): values and gradients for every variant and both input paths (logits, fused
-hidden + lm_head), gradcheck, KL >= 0, zero at the teacher, masks, identity W == sparse top-k KD with
-a tail bucket, aggregator weighting / absent teachers, bf16 autocast, no full-size tensors."""
+hidden + lm_head), gradcheck (KL, chunk, SFT, aggregator), KL >= 0, zero at the teacher, a tail that
+is float32 noise, masks for every component, identity W == sparse top-k KD with a tail bucket (with
+sampled tail tokens), aggregator weighting / absent teachers / renormalisation with chunk-only
+teachers, the store-temperature check, bf16 autocast, no full-size tensors (also for non-contiguous
+inputs)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +17,7 @@ from xtok.losses import (ChunkLikelihoodLoss, CrossTokenizerKLLoss, MultiTeacher
                          TeacherLoss)
 
 D64 = torch.float64
+REVERSE_FLOOR = 1e-5  # the documented reverse-KL floor on the teacher's cells (docs/losses.md section 1)
 
 # ------------------------------------------------------------------------------------------------
 # random batches in the collator's layout
@@ -70,7 +74,7 @@ def make_batch(B, T, V, seed, teachers=("a", "b"), **kw):
 # ------------------------------------------------------------------------------------------------
 
 
-def ref_kl_terms(logits, tb, variant, tau=1.0, beta=0.5, eps=1e-8):
+def ref_kl_terms(logits, tb, variant, tau=1.0, beta=0.5, eps=REVERSE_FLOOR):
     """list of ((b, p), divergence) for every valid target position."""
     out = []
     B, P = tb["positions"].shape
@@ -247,28 +251,68 @@ def test_kl_zero_and_stationary_at_teacher(variant, fused):
     assert float(f(z2, tb)) > 1e-6
 
 
-def test_kl_masks_absent_and_untargeted_positions_change_nothing():
+MASK_VARIANTS = ["forward", "reverse", "jsd", "chunk", "sft", "aggregator"]
+KL_VARIANTS_ = ("forward", "reverse", "jsd")
+
+
+def _masked_setup(kind):
+    """(loss of logits, used [B,T] rows from an independent python loop over the batch, batch)."""
     B, T, V = 3, 8, 19
-    tb = make_teacher(B, T, V, 5, 4, seed=7, absent=(1,))
-    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(8), requires_grad=True)
-    f = CrossTokenizerKLLoss("forward", chunk_size=2)
-    base = f(z, tb)
-    (gz,) = torch.autograd.grad(base, z)
+    batch = make_batch(B, T, V, seed=7, teachers=("a",))
+    tb = batch["teachers"]["a"]
+    tb["present"][1] = False
+    labels = batch["labels"]
+    kl_rows = {(b, int(tb["positions"][b, p])) for b in range(B) for p in range(tb["mask"].shape[1])
+               if tb["mask"][b, p] and tb["present"][b]}
+    chunk_rows = {(b, j - 1) for b in range(B) for c in range(tb["chunk_mask"].shape[1])
+                  if tb["chunk_mask"][b, c] and tb["present"][b]
+                  for j in range(int(tb["chunk_spans"][b, c, 0]), int(tb["chunk_spans"][b, c, 1]))}
+    sft_rows = {(b, t) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != -100}
+    if kind in KL_VARIANTS_:
+        f, rows = CrossTokenizerKLLoss(kind, tau=1.3, chunk_size=2), kl_rows
+        fn = lambda z, bt: f(z, bt["teachers"]["a"])  # noqa: E731
+    elif kind == "chunk":
+        f, rows = ChunkLikelihoodLoss(tau=1.5, chunk_size=2), chunk_rows
+        fn = lambda z, bt: f(z, bt["teachers"]["a"], bt["input_ids"])  # noqa: E731
+    elif kind == "sft":
+        f, rows = SFTLoss(chunk_size=2), sft_rows
+        fn = lambda z, bt: f(z, bt["labels"])  # noqa: E731
+    else:
+        agg = MultiTeacherLossAggregator({"a": TeacherLoss(1.0, 0.5, CrossTokenizerKLLoss("reverse"))}, sft_weight=0.3,
+                                         chunk_size=2)
+        rows = kl_rows | chunk_rows | sft_rows
+        fn = lambda z, bt: agg(z, bt)[0]  # noqa: E731
     used = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        for p in range(5):
-            if tb["mask"][b, p] and tb["present"][b]:
-                used[b, tb["positions"][b, p]] = True
+    for b, t in rows:
+        used[b, t] = True
+    return fn, used, batch, (B, T, V)
+
+
+@pytest.mark.parametrize("kind", MASK_VARIANTS)
+def test_masks_absent_and_untargeted_positions_change_nothing(kind):
+    fn, used, batch, (B, T, V) = _masked_setup(kind)
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    base = fn(z, batch)
+    assert base.item() > 0
+    (gz,) = torch.autograd.grad(base, z)
     assert (~used).any() and used.any()
-    assert (gz[~used] == 0).all()
+    assert (gz[~used] == 0).all() and (gz[used] != 0).any(dim=-1).all()
     z2 = z.detach().clone()
-    z2[~used] = torch.randn(int((~used).sum()), V, dtype=D64) * 10
-    torch.testing.assert_close(f(z2, tb), base.detach(), rtol=0, atol=0)
+    z2[~used] = torch.randn(int((~used).sum()), V, dtype=D64, generator=torch.Generator().manual_seed(9)) * 10
+    torch.testing.assert_close(fn(z2, batch), base.detach(), rtol=0, atol=0)
+    # a used position's logits do matter (the check above can fail)
+    z3 = z.detach().clone()
+    z3[used] += torch.randn(int(used.sum()), V, dtype=D64, generator=torch.Generator().manual_seed(10))
+    assert fn(z3, batch).item() != base.item()
     # a masked / absent target's contents change nothing either
+    tb = batch["teachers"]["a"]
     tb2 = {k: v.clone() for k, v in tb.items()}
-    tb2["target_probs"][1] = 0.0
-    tb2["target_ids"][~tb["mask"]] = 3
-    torch.testing.assert_close(f(z, tb2), base, rtol=0, atol=0)
+    tb2["target_probs"][1] = 0.0                      # example 1: teacher absent
+    tb2["target_ids"][~tb["mask"]] = 3                # masked target positions
+    tb2["tail_mass"][~tb["mask"]] = 0.7
+    tb2["chunk_teacher_logprob"][~tb["chunk_mask"]] = -0.123
+    tb2["chunk_teacher_logprob"][1] = -5.0
+    torch.testing.assert_close(fn(z, {**batch, "teachers": {"a": tb2}}), base, rtol=0, atol=0)
 
 
 def test_chunk_size_invariance():
@@ -293,38 +337,96 @@ def test_chunk_size_invariance():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["forward", "reverse"])
-def test_identity_projection_is_sparse_topk_kd_with_tail_bucket(variant):
+@pytest.mark.parametrize("variant,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+@pytest.mark.parametrize("m", [0, 6])
+def test_identity_projection_is_sparse_topk_kd_with_tail_bucket(variant, beta, m):
+    """Same tokenizer (identity W): the loss on the collator-style target (top-k probs, plus m sampled
+    tail ids of weight r/m each, projected through W in float32; tail_mass = max(0, 1 - sum) as the
+    collator computes it) equals sparse top-k KD with a tail bucket computed directly from the dense
+    float64 teacher: cells = top-k ids and the distinct sampled ids (mass r * count / m), bucket = the
+    rest (r without samples, 0 with them)."""
     from xtok.projection import ProjectionMatrix
 
     B, T, V, k = 2, 6, 40, 5
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(11 + m)
     t_logits = torch.randn(B, T, V, dtype=D64, generator=g) * 3
     s_logits = torch.randn(B, T, V, dtype=D64, generator=g, requires_grad=True)
     W = ProjectionMatrix.from_coo(np.arange(V), np.arange(V), np.ones(V), (V, V))
-    t_lp = torch.log_softmax(t_logits, -1)
-    top_lp, top_ids = t_lp.topk(k, dim=-1)
-    pids, pprobs = W.project(top_ids.reshape(-1, k), top_lp.exp().float().reshape(-1, k))
+    t_p = torch.softmax(t_logits, -1)
+    top_p, top_ids = t_p.topk(k, dim=-1)
+    r_true = 1 - top_p.sum(-1)
+    in_ids, in_p = top_ids, top_p
+    if m:
+        tail_p = t_p.scatter(-1, top_ids, 0.0).reshape(-1, V)
+        tail_ids = torch.multinomial(tail_p, m, replacement=True, generator=g).reshape(B, T, m)
+        in_ids = torch.cat([top_ids, tail_ids], -1)
+        in_p = torch.cat([top_p, (r_true / m)[..., None].expand(B, T, m)], -1)
+    pids, pprobs = W.project(in_ids.reshape(-1, in_ids.shape[-1]), in_p.float().reshape(-1, in_ids.shape[-1]))
     pids, pprobs = pids.reshape(B, T, -1), pprobs.reshape(B, T, -1)
     keep = pids >= 0
+    pprobs = torch.where(keep, pprobs, 0.0)
+    tail_mass = (1 - pprobs.sum(-1, dtype=D64)).clamp(0, 1).float()
     tb = {"positions": torch.arange(T).repeat(B, 1), "mask": torch.ones(B, T, dtype=torch.bool),
-          "target_ids": torch.where(keep, pids, 0), "target_probs": torch.where(keep, pprobs, 0.0),
-          "tail_mass": (1 - top_lp.exp().sum(-1)).float(), "present": torch.ones(B, dtype=torch.bool)}
-    loss = CrossTokenizerKLLoss(variant, chunk_size=5)(s_logits, tb)
-    # direct sparse top-k KD with tail bucket, from the dense teacher logits
-    s_lp = torch.log_softmax(s_logits, -1)
-    p_t = top_lp.exp()
-    p_s = s_lp.gather(-1, top_ids).exp()
-    r_t, r_s = 1 - p_t.sum(-1), 1 - p_s.sum(-1)
-    if variant == "forward":
-        direct = (p_t * (top_lp - p_s.log())).sum(-1) + r_t * (r_t.log() - r_s.log())
-    else:
-        direct = (p_s * (p_s.log() - top_lp)).sum(-1) + r_s * (r_s.log() - r_t.log())
-    direct = direct.mean()
+          "target_ids": torch.where(keep, pids, 0), "target_probs": pprobs, "tail_mass": tail_mass,
+          "present": torch.ones(B, dtype=torch.bool)}
+    if m:  # the bucket of the stored target is float32 rounding noise around 0
+        assert float(tail_mass.max()) < 1e-6
+    loss = CrossTokenizerKLLoss(variant, beta=beta, chunk_size=5)(s_logits, tb)
+    # direct sparse KD with a tail bucket, from the dense teacher, in float64, position by position
+    s_p = torch.softmax(s_logits, -1)
+    terms = []
+    for b in range(B):
+        for t in range(T):
+            cell = {int(i): float(p) for i, p in zip(top_ids[b, t], top_p[b, t])}
+            if m:
+                for i in tail_ids[b, t].tolist():
+                    cell[i] = cell.get(i, 0.0) + float(r_true[b, t]) / m
+            ids = torch.tensor(sorted(cell))
+            q = torch.tensor([cell[i] for i in sorted(cell)], dtype=D64)
+            q = torch.cat([q, (1 - q.sum()).clamp_min(0)[None] if m else r_true[b, t][None]])
+            sc = torch.cat([s_p[b, t, ids], (1 - s_p[b, t, ids].sum())[None]])
+            if variant == "forward":
+                terms.append((torch.xlogy(q, q) - q * sc.log()).sum())
+            elif variant == "reverse":
+                qf = q.clamp_min(REVERSE_FLOOR)
+                terms.append((sc * (sc.log() - (qf / qf.sum()).log())).sum())
+            else:
+                mix = beta * q + (1 - beta) * sc
+                terms.append(beta * (torch.xlogy(q, q) - q * mix.log()).sum()
+                             + (1 - beta) * (sc * (sc.log() - mix.log())).sum())
+    direct = torch.stack(terms).mean()
     torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-6)  # teacher probs went through float32
     g1 = torch.autograd.grad(loss, s_logits)[0]
     g2 = torch.autograd.grad(direct, s_logits)[0]
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["forward", "reverse", "jsd"])
+def test_kl_stable_when_tail_is_float32_noise(variant):
+    """A teacher whose top-k holds all its mass: the collator's tail_mass = max(0, 1 - sum q) in
+    float32 is rounding noise in [0, ~1e-7]. The loss and its gradient must not depend on that noise
+    (reverse KL with its floor at float32 noise level, 1e-8, varied by ~13% here), and stay >= 0."""
+    B, T, V, K = 2, 5, 30, 6
+    g = torch.Generator().manual_seed(40)
+    q = torch.softmax(torch.randn(B, T, K, generator=g, dtype=D64) * 2, -1).float()  # sums to 1 (float32)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    z = torch.randn(B, T, V, dtype=D64, generator=g) * 2
+    res = []
+    for r in (0.0, 1e-9, 5e-8, 1e-7):
+        tb = {"positions": torch.arange(T).repeat(B, 1), "mask": torch.ones(B, T, dtype=torch.bool),
+              "target_ids": ids, "target_probs": q, "tail_mass": torch.full((B, T), r, dtype=torch.float32),
+              "present": torch.ones(B, dtype=torch.bool)}
+        x = z.clone().requires_grad_(True)
+        per = CrossTokenizerKLLoss(variant, chunk_size=3, reduction="none")(x, tb)
+        assert (per >= 0).all()
+        loss = per.mean()
+        loss.backward()
+        res.append((loss.detach(), x.grad))
+        # and it is the documented estimator (dense float64 reference, same floor)
+        torch.testing.assert_close(loss, mean_of(ref_kl_terms(z, tb, variant)), rtol=1e-10, atol=1e-12)
+    for loss, grad in res[1:]:
+        torch.testing.assert_close(loss, res[0][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)
 
 
 def test_tail_bucket_vs_biased_topk_renormalisation():
@@ -442,9 +544,12 @@ def agg_reference(logits, batch, cfg, sft_weight, renorm=False, per_component=Fa
     names = list(cfg)
     pres = torch.tensor([[bool(batch["teachers"][n]["present"][b]) if n in batch["teachers"] else False
                           for n in names] for b in range(B)])
-    w = torch.tensor([cfg[n].weight for n in names], dtype=D64)
-    fac = [float(w.sum() / (pres[b].double() * w).sum()) if renorm and (pres[b].double() * w).sum() > 0 else 1.0
-           for b in range(B)]
+    # renormalize_absent: a teacher's total weight (KL + chunk) counts, in pure python
+    tot = [cfg[n].weight + cfg[n].chunk_weight for n in names]
+    fac = []
+    for b in range(B):
+        here = sum(t for t, p in zip(tot, pres[b].tolist()) if p)
+        fac.append(sum(tot) / here if renorm and here > 0 else 1.0)
     total = sft_weight * ref_sft_sum(logits, labels) / D if sft_weight else 0.0
     for n in names:
         if n not in batch["teachers"]:
@@ -489,6 +594,46 @@ def test_aggregator_matches_reference(renorm, per_component, fused, cs):
     assert float(logs["present/c"]) == 0.0 and float(logs["present/a"]) == 0.75
 
 
+RENORM_CONFIGS = {
+    "chunk_only": {"a": TeacherLoss(0.0, 0.7), "b": TeacherLoss(0.0, 0.3, chunk=ChunkLikelihoodLoss("reverse", tau=2.0)),
+                   "c": TeacherLoss(0.0, 1.0)},
+    "mixed": {"a": TeacherLoss(1.0, 0.0), "b": TeacherLoss(0.0, 0.5), "c": TeacherLoss(0.2, 0.0)},
+    "both": {"a": TeacherLoss(0.6, 0.4, CrossTokenizerKLLoss("jsd")), "b": TeacherLoss(0.0, 0.5),
+             "c": TeacherLoss(0.0, 2.0)},
+}
+
+
+@pytest.mark.parametrize("name", list(RENORM_CONFIGS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_aggregator_renormalize_absent_uses_total_weight(name, fused):
+    """renormalize_absent with chunk-only and mixed teachers: f_b = sum of all teachers' (weight +
+    chunk_weight) / the same sum over the teachers present in b (pure python reference). With a factor
+    built from KL weights alone, an example without any KL teacher lost its chunk terms (f_b = 0)."""
+    B, T, V, H = 4, 8, 21, 5
+    batch = make_batch(B, T, V, seed=30, teachers=("a", "b"))
+    batch["teachers"]["a"]["present"][1] = False
+    batch["teachers"]["b"]["present"][2] = False
+    batch["teachers"]["a"]["present"][3] = False
+    batch["teachers"]["b"]["present"][3] = False  # nobody: nothing to renormalise
+    cfg = RENORM_CONFIGS[name]  # 'c' is configured but never in the batch: absent everywhere
+    g = torch.Generator().manual_seed(31)
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    z = (h @ W.t()).detach().requires_grad_(True)
+    student, inputs = ((h, W), (h, W)) if fused else (z, (z,))
+    for renorm in (False, True):
+        logits = h @ W.t() if fused else z
+        loss, logs = MultiTeacherLossAggregator(cfg, sft_weight=0.2, renormalize_absent=renorm, chunk_size=3)(student, batch)
+        ref = agg_reference(logits, batch, cfg, 0.2, renorm)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        if renorm:
+            assert all(float(logs[f"chunk/{n}"]) > float(plain[f"chunk/{n}"]) > 0
+                       for n in ("a", "b") if cfg[n].chunk_weight)
+        plain = logs
+
+
 def test_aggregator_absent_teacher_contributes_nothing_and_does_not_reweight():
     B, T, V = 3, 7, 15
     batch = make_batch(B, T, V, seed=20, teachers=("a", "b"))
@@ -516,6 +661,70 @@ def test_aggregator_absent_teacher_contributes_nothing_and_does_not_reweight():
     loss, _ = MultiTeacherLossAggregator({"a": 1.0}, sft_weight=1.0)(x, empty)
     loss.backward()
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_aggregator_gradcheck(fused):
+    B, T, V, H = 2, 5, 7, 3
+    batch = make_batch(B, T, V, seed=35, teachers=("a", "b"))
+    batch["teachers"]["b"]["present"][1] = False
+    cfg = {"a": TeacherLoss(1.0, 0.6, CrossTokenizerKLLoss("forward", tau=1.5, tau_squared=True),
+                            ChunkLikelihoodLoss("forward", tau=2.0)),
+           "b": TeacherLoss(0.4, 0.3, CrossTokenizerKLLoss("reverse"), ChunkLikelihoodLoss("reverse")),
+           "c": TeacherLoss(0.5, 0.0, CrossTokenizerKLLoss("jsd", beta=0.3))}
+    batch["teachers"]["c"] = make_teacher(B, T, V, 4, 3, seed=36)
+    agg = MultiTeacherLossAggregator(cfg, sft_weight=0.5, renormalize_absent=True, chunk_size=3)
+    g = torch.Generator().manual_seed(37)
+    if fused:
+        h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+        W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, w: agg((a, w), batch)[0], (h, W))
+    else:
+        z = torch.randn(B, T, V, dtype=D64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: agg(x, batch)[0], (z,))
+
+
+def test_sft_gradcheck():
+    B, T, V, H = 2, 5, 7, 3
+    labels = make_batch(B, T, V, seed=38, teachers=())["labels"]
+    g = torch.Generator().manual_seed(39)
+    f = SFTLoss(chunk_size=3)
+    z = torch.randn(B, T, V, dtype=D64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: f(x, labels), (z,))
+    h = torch.randn(B, T, H, dtype=D64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=D64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: f((a, w), labels), (h, W))
+
+
+def test_store_temperature_must_match_tau():
+    """The collator passes the store's extraction temperature as teacher_batch['temperature']."""
+    B, T, V = 2, 6, 13
+    batch = make_batch(B, T, V, seed=41, teachers=("a", "b"))
+    z = torch.randn(B, T, V, dtype=D64, generator=torch.Generator().manual_seed(42))
+    tb = batch["teachers"]["a"]
+    plain = CrossTokenizerKLLoss("forward", tau=2.0)(z, tb)
+    # same temperature (float, int, 0-d tensor): no error, the same value
+    for t in (2.0, 2, torch.tensor(2.0), None):
+        torch.testing.assert_close(CrossTokenizerKLLoss("forward", tau=2.0)(z, {**tb, "temperature": t}), plain,
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError) as e:
+        CrossTokenizerKLLoss("forward", tau=2.0)(z, {**tb, "temperature": 1.0})
+    msg = str(e.value)
+    assert "temperature 1" in msg and "tau=2" in msg and "CrossTokenizerKLLoss(..., tau=1)" in msg
+    assert "check_temperature=False" in msg
+    off = CrossTokenizerKLLoss("forward", tau=2.0, check_temperature=False)(z, {**tb, "temperature": 1.0})
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    # aggregator: names the teacher; only teachers with a KL term are checked
+    tbs = {"a": {**tb, "temperature": 1.0}, "b": {**batch["teachers"]["b"], "temperature": 3.0}}
+    cfg = {"a": TeacherLoss(1.0, 0.5, CrossTokenizerKLLoss(tau=1.0)), "b": TeacherLoss(1.0, 0.0, CrossTokenizerKLLoss(tau=2.0))}
+    with pytest.raises(ValueError, match=r"teacher 'b'.*temperature 3.*tau=2.*TeacherLoss\(\.\.\., kl=CrossTokenizerKLLoss\(\.\.\., tau=3\)\)"):
+        MultiTeacherLossAggregator(cfg, sft_weight=1.0)(z, {**batch, "teachers": tbs})
+    for agg in (MultiTeacherLossAggregator(cfg, sft_weight=1.0, check_temperature=False),
+                MultiTeacherLossAggregator({**cfg, "b": TeacherLoss(1.0, 0.0, CrossTokenizerKLLoss(tau=2.0, check_temperature=False))},
+                                           sft_weight=1.0),
+                MultiTeacherLossAggregator({**cfg, "b": TeacherLoss(0.0, 1.0)}, sft_weight=1.0)):
+        loss, _ = agg(z, {**batch, "teachers": tbs})
+        torch.testing.assert_close(loss, agg(z, batch)[0], rtol=0, atol=0)
 
 
 def test_losses_hold_no_state():
@@ -585,3 +794,62 @@ def test_fused_never_materialises_full_logits_and_logits_path_no_fp32_copy():
         loss, _ = agg(z, batch)
         loss.backward()
     assert m.fp32_big <= 2 * cs * V  # no fp32 [B,T,V] (the bf16 grad of the logits is the only full one)
+
+
+class _BigTensors(TorchDispatchMode):
+    """Counts the new tensors (not views of, or in-place results on, an argument) of at least `numel`
+    elements that the dispatched ops produce."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and not any(
+                    t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for a in flat):
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("kind", ["sliced_logits", "sliced_logits_bf16", "transposed_hidden", "sliced_hidden"])
+def test_non_contiguous_inputs_are_never_copied_in_full(kind):
+    """logits[:, :-1] (a strided view), a transposed or sliced hidden: each chunk reads only its rows
+    (x.reshape(-1, F) would copy the whole input once per chunk, in forward and backward). Forward:
+    no tensor of the input's size; backward: only the gradient of the input. Same values as the
+    contiguous input."""
+    B, T, V, H, cs = 2, 64, 96, 32, 16  # full hidden (B*T*H) > every chunk temporary and W (V*H)
+    batch = make_batch(B, T, V, seed=32, teachers=("a",), dtype=torch.float32)
+    batch["teachers"]["a"] = make_teacher(B, T, V, 48, 4, seed=33, dtype=torch.float32, masked_frac=0.0)
+    agg = MultiTeacherLossAggregator({"a": TeacherLoss(1.0, 0.5)}, sft_weight=1.0, chunk_size=cs)
+    g = torch.Generator().manual_seed(34)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    if kind.startswith("sliced_logits"):
+        dt = torch.bfloat16 if kind.endswith("bf16") else torch.float32
+        base = torch.randn(B, T + 1, V, generator=g).to(dt).requires_grad_(True)
+        x = base[:, :-1]
+        student, contig, inputs = x, x.detach().contiguous().requires_grad_(True), (x,)
+        full = B * T * V
+    else:
+        if kind == "transposed_hidden":
+            base = torch.randn(T, B, H, generator=g, requires_grad=True)
+            x = base.transpose(0, 1)
+        else:
+            base = torch.randn(B, T + 3, H, generator=g, requires_grad=True)
+            x = base[:, 2:-1]
+        student, contig, inputs = (x, W), x.detach().contiguous().requires_grad_(True), (x, W)
+        full = B * T * H
+    assert not x.is_contiguous() and x.shape[:2] == (B, T)
+    with _BigTensors(full) as m:
+        loss, _ = agg(student, batch)
+    assert m.count == 0
+    with _BigTensors(full) as m:
+        grads = torch.autograd.grad(loss, inputs)
+    assert m.count == 1  # the gradient of x itself
+    ref_loss, _ = agg(contig if kind.startswith("sliced_logits") else (contig, W), batch)
+    ref_grads = torch.autograd.grad(ref_loss, (contig,) + inputs[1:])
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -5,7 +5,8 @@ rows in chunks, through one custom autograd Function (`_RowLossFunction`):
 
 * from logits `[B,T,V]`: a chunk of rows is gathered, cast to fp32 and evaluated; backward recomputes
   the chunk and writes its gradient into the (unavoidable) gradient of the logits. No second full
-  `[B,T,V]` fp32 tensor is made (no full `log_softmax`, no fp32 copy of bf16 logits).
+  `[B,T,V]` tensor is made (no full `log_softmax`, no fp32 copy of bf16 logits, and no copy of a
+  non-contiguous input such as `logits[:, :-1]`: rows are read as `x[b, t]`).
 * fused, from `(hidden [B,T,H], lm_head_weight [V,H])`: each chunk's logits are `hidden[rows] @ W.T`,
   used and dropped; backward recomputes them and accumulates `grad_hidden` and `grad_W` chunk by chunk,
   so the full logits never exist.
@@ -24,6 +25,7 @@ everything is computed in fp32 (fp64 when given fp64) with autocast disabled ins
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -34,6 +36,11 @@ IGNORE_INDEX = -100
 KL_VARIANTS = ("forward", "reverse", "jsd")
 CHUNK_VARIANTS = ("forward", "reverse")
 _NEG = -1e30  # stands for log(0) inside logsumexp: finite, so gradients stay finite
+# Reverse-KL floor on the teacher's cell probabilities (`q~ = max(q, eps)`, renormalised). The
+# collator computes tail_mass = max(0, 1 - sum q) from float32 probabilities, so a tail that is truly
+# ~0 arrives as float32 rounding noise in [0, ~1.3e-7]; with a floor of 1e-5 every such value maps to
+# the same cell probability, and noise on a genuine r >= eps moves log q~ by at most noise / eps ~ 1%.
+REVERSE_EPS = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +70,7 @@ def partition_logprobs(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, 
 
 
 def partition_divergence(log_s, log_u, q, r, valid, variant: str = "forward", beta: float = 0.5,
-                         eps: float = 1e-8):
+                         eps: float = REVERSE_EPS):
     """Divergence per row over the K+1 cells (valid target ids + the tail bucket).
 
     log_s [n,K], log_u [n]: student; q [n,K], r [n]: teacher probs and tail mass, normalised here over
@@ -71,6 +78,10 @@ def partition_divergence(log_s, log_u, q, r, valid, variant: str = "forward", be
       forward: KL(q || s) = sum_c q_c (log q_c - log s_c)
       reverse: KL(s || q~) = sum_c s_c (log s_c - log q~_c), q~ = max(q, eps) renormalised
       jsd:     beta KL(q || m) + (1 - beta) KL(s || m), m = beta q + (1 - beta) s
+    The reverse floor `eps` (default REVERSE_EPS = 1e-5) keeps a cell the teacher gives 0 finite and
+    sits well above the float32 noise of the collator's tail_mass (see REVERSE_EPS); the same function
+    runs in the forward and (for the cell gradients) in the backward, so both see the same floor.
+    forward and jsd need no floor (bounded and continuous in q, r).
     """
     dt = log_s.dtype
     vmask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
@@ -134,7 +145,7 @@ class _KLSpec:
     variant: str = "forward"
     tau: float = 1.0
     beta: float = 0.5
-    eps: float = 1e-8
+    eps: float = REVERSE_EPS
 
 
 @dataclass
@@ -150,12 +161,15 @@ class _KLGroup:
 class _Plan:
     """Which rows are read, in which chunks, and what is evaluated on each row."""
 
-    def __init__(self, tok_rows, tok_ids, groups: list[_KLGroup], chunk_rows: int, device):
+    def __init__(self, tok_rows, tok_ids, groups: list[_KLGroup], chunk_rows: int, device, T: int):
         self.groups = groups
         self.tok_ids = tok_ids
         parts = [tok_rows] + [g.rows for g in groups]
         allrows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         self.rows, inv = torch.unique(allrows, sorted=True, return_inverse=True)
+        # (b, t) of every row: a chunk is read as x[b, t], which copies only its rows whatever the strides
+        # of x (x.reshape(-1, V) would copy all of a non-contiguous x, e.g. logits[:, :-1], per chunk)
+        self.rows_b, self.rows_t = self.rows // max(T, 1), self.rows % max(T, 1)
         R = self.rows.numel()
         self.chunk_rows = max(1, int(chunk_rows))
         self.bounds = list(range(0, R, self.chunk_rows)) + [R]
@@ -178,11 +192,18 @@ class _Plan:
     def n_chunks(self) -> int:
         return len(self.bounds) - 1
 
+    def chunk_rows_of(self, x, c: int):
+        """The rows of chunk c of x [B,T,F], as a new [n, F] tensor (never a copy of all of x, whatever
+        its strides). Advanced indexing, not index_select: on CPU index_select of wide rows (F = 128k)
+        runs ~10x slower than this gather."""
+        lo, hi = self.bounds[c], self.bounds[c + 1]
+        return x[self.rows_b[lo:hi], self.rows_t[lo:hi]]
+
     def chunk_logits(self, x, weight, c: int, cd: torch.dtype):
         rows = self.rows[self.bounds[c]: self.bounds[c + 1]]
         if weight is None:
-            return x.reshape(-1, x.shape[-1]).index_select(0, rows).to(cd), rows, None
-        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+            return self.chunk_rows_of(x, c).to(cd), rows, None
+        h = self.chunk_rows_of(x, c)
         common = torch.promote_types(h.dtype, weight.dtype)
         z = (h.to(common) @ weight.to(common).t()).to(cd)
         return z, rows, h
@@ -199,7 +220,7 @@ class _Plan:
             yield j, sel, loc, ident
 
     def _zt(self, z, tau, loc, ident):
-        zt = z if ident else z.index_select(0, loc)
+        zt = z if ident else z[loc]  # not index_select (slow on CPU for wide rows)
         return zt / tau if tau != 1.0 else zt
 
     def eval_chunk(self, z, c: int):
@@ -334,7 +355,8 @@ class _RowLossFunction(torch.autograd.Function):
         plan, cd = ctx.plan, ctx.cd
         x, weight = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
-        gx = torch.zeros_like(x) if need_x else None  # e.g. frozen hidden states: only grad_W
+        # contiguous whatever x's strides (a view of it is indexed by flat row); None for frozen hidden states
+        gx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         gx_flat = gx.view(-1, x.shape[-1]) if need_x else None
         gw = None
         if weight is not None and ctx.needs_input_grad[2]:
@@ -365,9 +387,11 @@ def _split_student(student):
     """logits tensor, or (hidden, lm_head_weight) -> (x, weight or None, V)."""
     if isinstance(student, (tuple, list)):
         x, w = student
-        if w.dim() != 2 or x.shape[-1] != w.shape[1]:
-            raise ValueError(f"fused path needs hidden [..., H] and weight [V, H]; got {tuple(x.shape)}, {tuple(w.shape)}")
+        if x.dim() != 3 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"fused path needs hidden [B, T, H] and weight [V, H]; got {tuple(x.shape)}, {tuple(w.shape)}")
         return x, w, w.shape[0]
+    if student.dim() != 3:
+        raise ValueError(f"student logits must be [B, T, V]; got {tuple(student.shape)}")
     return student, None, student.shape[-1]
 
 
@@ -379,7 +403,7 @@ def _auto_chunk_rows(V: int, chunk_size: int | None) -> int:
 
 def _run(student, tok_rows, tok_ids, groups, chunk_size):
     x, w, V = _split_student(student)
-    plan = _Plan(tok_rows, tok_ids, groups, _auto_chunk_rows(V, chunk_size), x.device)
+    plan = _Plan(tok_rows, tok_ids, groups, _auto_chunk_rows(V, chunk_size), x.device, x.shape[1])
     return _RowLossFunction.apply(plan, x, w)
 
 
@@ -445,6 +469,26 @@ def _as_x(student):
     return student[0] if isinstance(student, (tuple, list)) else student
 
 
+def _check_temperature(teacher_batch: Mapping, tau: float, where: str, fix: str):
+    """ValueError if the teacher batch says its targets were extracted at a temperature != tau.
+
+    The collator puts the store's temperature (manifest 'temperature') under the teacher's key
+    'temperature' (a python float); a missing key or None means unknown: no check."""
+    t = teacher_batch.get("temperature") if hasattr(teacher_batch, "get") else None
+    if t is None:
+        return
+    vals = sorted(set(torch.as_tensor(t, dtype=torch.float64).flatten().tolist())) if isinstance(t, torch.Tensor) \
+        else [float(t)]
+    for v in vals:
+        if not math.isclose(v, tau, rel_tol=1e-6, abs_tol=1e-12):
+            raise ValueError(
+                f"{where}: the teacher targets were extracted at temperature {v:g} (teacher batch 'temperature', "
+                f"from the store's manifest) but the loss applies tau={tau:g} to the student logits, so the student "
+                f"would be matched to a teacher at another temperature. Fix: {fix.format(t=f'{v:g}')}, or re-extract "
+                f"the store with `xtok extract --temperature {tau:g}`; pass check_temperature=False if the mismatch "
+                f"is intended.")
+
+
 # ------------------------------------------------------------------------------------------------
 # public losses
 # ------------------------------------------------------------------------------------------------
@@ -455,13 +499,17 @@ class CrossTokenizerKLLoss(nn.Module):
 
     variant: 'forward' KL(teacher || student), 'reverse' KL(student || teacher), 'jsd' JSD(beta).
     tau: temperature on the student logits (the teacher targets are used as stored). tau_squared:
-    multiply by tau**2. reduction: 'mean' over valid target positions, 'sum', or 'none' ([B,P], zeros
-    where masked). chunk_size: rows per chunk (default: ~128 MiB of fp32 logits per chunk).
+    multiply by tau**2. eps: the reverse-KL floor on the teacher's cell probabilities (REVERSE_EPS).
+    reduction: 'mean' over valid target positions, 'sum', or 'none' ([B,P], zeros where masked).
+    chunk_size: rows per chunk (default: 2**24 / V rows, ~64 MiB of fp32 logits per chunk).
+    check_temperature: if the teacher batch has a 'temperature' (the store's extraction temperature,
+    put there by the collator) that differs from tau, raise ValueError (False: no check).
     Call: loss(logits [B,T,V] or (hidden [B,T,H], lm_head_weight [V,H]), teacher_batch).
     """
 
     def __init__(self, variant: str = "forward", tau: float = 1.0, tau_squared: bool = False, beta: float = 0.5,
-                 eps: float = 1e-8, reduction: str = "mean", chunk_size: int | None = None):
+                 eps: float = REVERSE_EPS, reduction: str = "mean", chunk_size: int | None = None,
+                 check_temperature: bool = True):
         super().__init__()
         if variant not in KL_VARIANTS:
             raise ValueError(f"unknown KL variant {variant!r}; expected one of {KL_VARIANTS}")
@@ -469,8 +517,16 @@ class CrossTokenizerKLLoss(nn.Module):
             raise ValueError("jsd needs 0 < beta < 1")
         if tau <= 0:
             raise ValueError("tau must be > 0")
+        if not eps > 0:
+            raise ValueError("eps (the reverse-KL floor) must be > 0")
         self.spec = _KLSpec(variant, float(tau), float(beta), float(eps))
         self.tau_squared, self.reduction, self.chunk_size = tau_squared, reduction, chunk_size
+        self.check_temperature = bool(check_temperature)
+
+    def check_batch_temperature(self, teacher_batch: Mapping, where: str = "CrossTokenizerKLLoss",
+                                fix: str = "construct CrossTokenizerKLLoss(..., tau={t})"):
+        if self.check_temperature:
+            _check_temperature(teacher_batch, self.spec.tau, where, fix)
 
     @property
     def scale(self) -> float:
@@ -478,6 +534,7 @@ class CrossTokenizerKLLoss(nn.Module):
 
     def forward(self, student, teacher_batch: Mapping, reduction: str | None = None):
         x = _as_x(student)
+        self.check_batch_temperature(teacher_batch)
         B, T = x.shape[0], x.shape[1]
         g, idx = _kl_items(teacher_batch, T, self.spec, x.device)
         _, vals = _run(student, _empty_long(x.device), _empty_long(x.device), [g], self.chunk_size)
@@ -552,8 +609,13 @@ class MultiTeacherLossAggregator(nn.Module):
         weights are untouched.
       'per_component': each component is the mean over its own valid items (classic per-teacher mean;
         note this spreads a teacher's weight over the examples where it is present).
-    renormalize_absent: if True, for each example the teachers' weights are rescaled by
-      (sum of all teacher weights) / (sum of the weights of the teachers present in that example).
+    renormalize_absent: if True, every teacher term (KL and chunk) of example b is multiplied by
+      f_b = (sum over all configured teachers of weight + chunk_weight) /
+            (sum over the teachers present in b of weight + chunk_weight),
+      so the teachers present in an example carry the full teacher weight (a teacher's total weight
+      counts, so chunk-only teachers are renormalised like the others); f_b = 1 otherwise.
+    check_temperature: raise ValueError when a teacher batch's 'temperature' (its store's) differs from
+      that teacher's KL tau (also disabled per teacher by its CrossTokenizerKLLoss(check_temperature=False)).
     Returns (loss, logs): logs holds detached tensors: 'loss', 'sft', 'kl/<name>', 'chunk/<name>'
     (unweighted component values), 'kl_per_position/<name>', 'present/<name>', 'tokens'.
     A configured teacher missing from batch['teachers'] is absent; batch teachers not configured are
@@ -561,13 +623,15 @@ class MultiTeacherLossAggregator(nn.Module):
     """
 
     def __init__(self, teachers: Mapping[str, float | TeacherLoss], sft_weight: float = 0.0,
-                 normalize: str = "tokens", renormalize_absent: bool = False, chunk_size: int | None = None):
+                 normalize: str = "tokens", renormalize_absent: bool = False, chunk_size: int | None = None,
+                 check_temperature: bool = True):
         super().__init__()
         self.teachers = {n: (c if isinstance(c, TeacherLoss) else TeacherLoss(weight=float(c))) for n, c in teachers.items()}
         if normalize not in ("tokens", "per_component"):
             raise ValueError("normalize must be 'tokens' or 'per_component'")
         self.sft_weight, self.normalize = float(sft_weight), normalize
         self.renormalize_absent, self.chunk_size = renormalize_absent, chunk_size
+        self.check_temperature = bool(check_temperature)
 
     def forward(self, student, batch: Mapping, num_items=None):
         x = _as_x(student)
@@ -580,7 +644,15 @@ class MultiTeacherLossAggregator(nn.Module):
         # per-example teacher factors
         present = torch.stack([tbs[n]["present"].to(dev).bool() if n in tbs else torch.zeros(B, dtype=torch.bool, device=dev)
                                for n in names], 1) if names else torch.zeros(B, 0, dtype=torch.bool, device=dev)
-        w = torch.tensor([self.teachers[n].weight for n in names], dtype=torch.float64, device=dev)
+        if self.check_temperature:
+            for n in names:
+                if n in tbs and self.teachers[n].weight != 0.0:
+                    self.teachers[n].kl.check_batch_temperature(
+                        tbs[n], f"MultiTeacherLossAggregator, teacher {n!r}",
+                        "configure it as TeacherLoss(..., kl=CrossTokenizerKLLoss(..., tau={t}))")
+        # a teacher's total weight (KL + chunk) decides how its absence is renormalised
+        w = torch.tensor([self.teachers[n].weight + self.teachers[n].chunk_weight for n in names],
+                         dtype=torch.float64, device=dev)
         if self.renormalize_absent and names:
             wp = (present.double() * w).sum(1)
             factor = torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0)
