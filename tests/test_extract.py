@@ -3,8 +3,10 @@ must equal a dense full-softmax float64 reference; chat masks; padded vocab; bad
 kill -9; sharding."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +19,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import MISTRAL_SPM, MISTRAL_SPM_V3, asset
+from xtok.chat import default_template
 from xtok.cli import main as cli
 from xtok.extract import ExtractConfig, ExtractError, _uniforms, extract, teacher_targets
-from xtok.store import QSTEP, TeacherStore
+from xtok.store import QSTEP, TeacherStore, example_key
 from xtok.tokens import load_tokenizer
 
 TEXTS = [
@@ -63,17 +66,19 @@ def _jsonl(path: Path, rows) -> Path:
     return path
 
 
-def _dense_reference(model_dir: Path, ids: np.ndarray, vocab: int) -> np.ndarray:
-    """float64 log-softmax of the full logits (model's own forward), over the tokenizer's vocab."""
+def _dense_reference(model_dir: Path, ids: np.ndarray, vocab: int, temperature: float = 1.0,
+                     dtype=torch.float32) -> np.ndarray:
+    """float64 log-softmax of the full logits of the model's own forward (its logit scaling / softcap
+    included) divided by the temperature, over the tokenizer's vocab."""
     from transformers import AutoModelForCausalLM
 
-    m = _dense_reference.cache.get(str(model_dir))
+    m = _dense_reference.cache.get((str(model_dir), dtype))
     if m is None:
-        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        _dense_reference.cache[str(model_dir)] = m
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        _dense_reference.cache[(str(model_dir), dtype)] = m
     with torch.no_grad():
         logits = m(torch.as_tensor(ids)[None]).logits[0].double()[:, :vocab]
-    return torch.log_softmax(logits, -1).numpy()
+    return torch.log_softmax(logits / temperature, -1).numpy()
 
 
 _dense_reference.cache = {}
@@ -217,6 +222,11 @@ def test_chat_assistant_only_targets(tmp_path, request, template):
                           top_k=4, chat_template=str(tpl) if tpl else None, progress=False))
     st = TeacherStore(tmp_path / "s")
     assert st.manifest["targets"] == "assistant"
+    # the template actually used is hashed: here the built-in default (the tokenizer has none) or the file
+    used = default_template(tok) if tpl is None else CHATML
+    assert tok.chat_template is None
+    assert st.manifest["chat_template_hash"] == hashlib.sha256(used.encode()).hexdigest()
+    assert st.manifest["chat_template_source"] == ("built-in default" if tpl is None else "--chat-template")
     squash = lambda s: "".join(s.split())  # noqa: E731
     for row in _chat_rows():
         ex = st[row["id"]]
@@ -357,8 +367,11 @@ def test_help_lists_every_option():
     r = CliRunner().invoke(cli, ["extract", "--help"])
     assert r.exit_code == 0
     for opt in ("--model", "--dataset", "--output", "--top-k", "--top-p", "--sample-tail", "--shard", "--token-budget",
-                "--max-length", "--chat-template", "--targets", "--temperature", "--skip-empty"):
+                "--max-length", "--chat-template", "--targets", "--temperature", "--skip-empty", "--force-tokenizer",
+                "--split"):
         assert opt in r.output
+    flat = " ".join(r.output.split())
+    assert "A single file is the whole dataset and ignores --split." in flat
 
 
 def test_stories260k_real_model(tmp_path):
@@ -381,12 +394,16 @@ def test_parquet_folder_user_assistant_columns_top_p(tmp_path, model_dir, spm):
 
     d = tmp_path / "pq"
     d.mkdir()
-    pq.write_table(pa.table({"user": ["Say hi.", "Count to three."], "assistant": ["Hi there!", "One, two, three."]}),
-                   d / "part-0.parquet")
+    users, replies = ["Say hi.", "Count to three.", "Name a fruit."], ["Hi there!", "One, two, three.", "A pear."]
+    pq.write_table(pa.table({"user": users, "assistant": replies}), d / "part-0.parquet")
     extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(d), output=str(tmp_path / "s"),
                           top_k=6, top_p=0.5, limit=2, progress=False))
     st = TeacherStore(tmp_path / "s")
     assert len(st) == 2 and st.manifest["top_p"] == 0.5 and st.manifest["targets"] == "assistant"
+    assert st.manifest["limit"] == 2 and st.manifest["n_dataset_examples"] == 2
+    # --limit keeps the first N rows: the third conversation is nowhere in the store
+    assert sorted(st.keys()) == sorted(example_key({"user": u, "assistant": a}) for u, a in zip(users[:2], replies[:2]))
+    assert not any("fruit" in ex.text or "pear" in ex.text for ex in st)
     for ex in st:
         ref = _dense_reference(model_dir, ex.input_ids, 32000)[ex.positions]
         order = np.argsort(-ref, 1)[:, :6]
@@ -398,3 +415,438 @@ def test_parquet_folder_user_assistant_columns_top_p(tmp_path, model_dir, spm):
         np.testing.assert_allclose(ex.tail_mass, 1 - (np.exp(top) * kept).sum(1), rtol=2e-5, atol=1e-6)
         got = spm.decode_bytes(ex.input_ids[ex.positions + 1]).decode()
         assert "Say hi" not in got and "Count to three" not in got and ("Hi there" in got or "One, two" in got)
+
+
+# ------------------------------------------------------------------------------------------
+# Output layers other than a plain lm_head: the model's own forward is the reference
+# ------------------------------------------------------------------------------------------
+
+_TINY = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _tiny_arch(path: Path, arch: str, seed: int = 0) -> Path:
+    """Tiny random models of architectures whose forward transforms the lm_head logits."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "granite":    # logits / logits_scaling
+        m = tf.GraniteForCausalLM(tf.GraniteConfig(**_TINY, logits_scaling=8.0, tie_word_embeddings=False))
+    elif arch == "cohere":   # logits * logit_scale (tied embeddings)
+        m = tf.CohereForCausalLM(tf.CohereConfig(**_TINY, logit_scale=0.25))
+    elif arch == "gemma2":   # softcap * tanh(logits / softcap)
+        m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**_TINY, head_dim=16, final_logit_softcapping=5.0,
+                                                 tie_word_embeddings=False))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(60.0)  # large logits: the transforms matter
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere", "gemma2"])
+def test_logit_transforms_match_the_models_own_forward(tmp_path, spm, arch):
+    mdir = _tiny_arch(tmp_path / arch, arch)
+    ds = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": TEXTS[0]}, {"id": "b", "text": TEXTS[4]}])
+    extract(ExtractConfig(model=str(mdir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(tmp_path / "s"),
+                          top_k=8, sample_tail=3, progress=False))
+    st = TeacherStore(tmp_path / "s")
+    want = {"granite": (1 / 8.0, None), "cohere": (0.25, None), "gemma2": (1.0, 5.0)}[arch]
+    assert (st.manifest["output_layer"]["scale"], st.manifest["output_layer"]["softcap"]) == want
+    for ex in st:
+        _check_against_reference(ex, _dense_reference(mdir, ex.input_ids, 32000), spm.token_bytes.word_start, 8, 3)
+
+
+from transformers import LlamaConfig as _LlamaConfig, LlamaForCausalLM as _LlamaForCausalLM  # noqa: E402
+
+
+class _OddConfig(_LlamaConfig):
+    model_type = "xtok_test_odd_llama"
+
+
+class _OddForCausalLM(_LlamaForCausalLM):
+    """A causal LM whose forward does something to the logits that xtok cannot know about."""
+    config_class = _OddConfig
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3.0 + torch.linspace(0, 2, out.logits.shape[-1], dtype=out.logits.dtype)
+        return out
+
+
+def _register_odd():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(_OddConfig.model_type, _OddConfig)
+        AutoModelForCausalLM.register(_OddConfig, _OddForCausalLM)
+    except ValueError:  # already registered in this process
+        pass
+
+
+def test_unknown_logit_transform_is_refused(tmp_path):
+    _register_odd()
+    torch.manual_seed(0)
+    cfg = _OddConfig(**_TINY, tie_word_embeddings=False)
+    _OddForCausalLM(cfg).save_pretrained(tmp_path / "odd")
+    ds = _jsonl(tmp_path / "d.jsonl", [{"text": TEXTS[0]}])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, _cli_args(tmp_path / "odd", ds, out))
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    assert "output layer could not be reproduced" in r.output and str(tmp_path / "odd") in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Context length, dtype, temperature
+# ------------------------------------------------------------------------------------------
+
+
+def test_max_length_capped_at_model_positions(tmp_path, spm):
+    """GPT-2 with n_positions=16: examples longer than 16 tokens are skipped and counted (never an
+    IndexError); the others equal the dense reference."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=32000, n_positions=16, n_embd=32, n_layer=2, n_head=2)) \
+        .save_pretrained(tmp_path / "gpt2")
+    lens = {t: 1 + len(spm.encode(t)) for t in TEXTS}
+    n_long = sum(n > 16 for n in lens.values())
+    assert 0 < n_long < len(TEXTS)
+    ds = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "s"
+    r = CliRunner().invoke(cli, _cli_args(tmp_path / "gpt2", ds, out))  # --max-length: default 4096
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.rindex('{"rank"'):])
+    assert res["skipped_too_long"] == n_long and res["new_examples"] == len(TEXTS) - n_long
+    assert res["max_length"] == 16 and "capped" in res["max_length_note"]
+    st = TeacherStore(out)
+    assert st.manifest["max_length"] == 16 and st.manifest["skipped"]["too_long"] == n_long
+    assert sorted(ex.text for ex in st) == sorted(t for t, n in lens.items() if n <= 16)
+    for ex in st:
+        _check_against_reference(ex, _dense_reference(tmp_path / "gpt2", ex.input_ids, 32000),
+                                 spm.token_bytes.word_start, 4, 0)
+
+
+def test_temperature_end_to_end(tmp_path, model_dir, spm):
+    ds = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": TEXTS[1]}, {"id": "b", "text": TEXTS[2]}])
+    extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(tmp_path / "s"),
+                          top_k=8, sample_tail=4, temperature=2.5, progress=False))
+    st = TeacherStore(tmp_path / "s")
+    assert st.manifest["temperature"] == 2.5
+    for ex in st:
+        ref = _dense_reference(model_dir, ex.input_ids, 32000, temperature=2.5)
+        _check_against_reference(ex, ref, spm.token_bytes.word_start, 8, 4)
+        # and it is not the T=1 distribution
+        t1 = _dense_reference(model_dir, ex.input_ids, 32000)[ex.positions]
+        assert np.abs(np.sort(t1, 1)[:, -1] - ex.topk_logprobs[:, 0]).max() > 0.1
+
+
+def test_bfloat16_on_cpu(tmp_path, model_dir, spm):
+    """--dtype bfloat16 on CPU: equal to the bf16 model's own forward (the output layer is reproduced
+    exactly, up to float32 rounding of the bf16 logits); versus the float32 model's float64 reference
+    the bf16 weights and activations cost (tolerance / measured on this peaked random model, logits up
+    to ~35): KL(exact || store) per position < 0.01 / 0.004 nats, top-1 agreement >= 90 % / 100 %,
+    |d tail mass| < 0.03."""
+    ds = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": TEXTS[0]}, {"id": "b", "text": TEXTS[3]}])
+    extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(tmp_path / "s"),
+                          top_k=8, dtype="bfloat16", device="cpu", progress=False))
+    st = TeacherStore(tmp_path / "s")
+    assert st.manifest["dtype"] == "bfloat16"
+    for ex in st:
+        own = _dense_reference(model_dir, ex.input_ids, 32000, dtype=torch.bfloat16)
+        _check_against_reference(ex, own, spm.token_bytes.word_start, 8, 0)
+        ref = _dense_reference(model_dir, ex.input_ids, 32000)[ex.positions]
+        # KL(exact float32 teacher || what the bf16 store reconstructs), on the store's top-k + tail buckets
+        p_top = np.exp(np.take_along_axis(ref, ex.topk_ids.astype(np.int64), 1))
+        p = np.concatenate([p_top, 1 - p_top.sum(1, keepdims=True)], 1)
+        q = np.concatenate([np.exp(ex.topk_logprobs.astype(np.float64)), ex.tail_mass[:, None]], 1)
+        kl = (p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300)))).sum(1)
+        assert kl.max() < 0.01, kl.max()
+        assert (ex.topk_ids[:, 0] == ref.argmax(1)).mean() >= 0.9
+        assert np.abs(ex.tail_mass - (1 - np.sort(np.exp(ref), 1)[:, -8:].sum(1))).max() < 0.03
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer / model agreement
+# ------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_other_than_the_model_folders_is_refused(tmp_path, v3_model_dir):
+    from xtok.tokens import builtin_tokenizer_path
+
+    mdir = tmp_path / "m3"
+    shutil.copytree(v3_model_dir, mdir)
+    v3_file = builtin_tokenizer_path(MISTRAL_SPM_V3)
+    shutil.copy(v3_file, mdir / v3_file.name)                 # the model folder now has its own tokenizer
+    ds = _jsonl(tmp_path / "d.jsonl", [{"text": TEXTS[0]}])
+    run = CliRunner().invoke
+    out = tmp_path / "out"
+    # Mistral v1 (32000 tokens) on the 32768-row v3 model: 768 "padding" rows, but the wrong tokenizer
+    r = run(cli, _cli_args(mdir, ds, out))
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    for n in ("--tokenizer", "not the tokenizer in the model folder", str(mdir), "--force-tokenizer"):
+        assert n in r.output, (n, r.output)
+    assert not out.exists()
+    r = run(cli, _cli_args(mdir, ds, out, "--force-tokenizer"))
+    assert r.exit_code == 0, r.output
+    assert TeacherStore(out).manifest["tokenizer_hash"] == load_tokenizer(MISTRAL_SPM).content_hash
+    # the model's own tokenizer, by default or named explicitly: accepted
+    for extra in ([], ["--tokenizer", str(mdir / v3_file.name)]):
+        args = ["extract", "--model", str(mdir), "--dataset", str(ds), "-k", "4", "-q", *extra,
+                "-o", str(tmp_path / f"own{len(extra)}")]
+        r = run(cli, args)
+        assert r.exit_code == 0, r.output
+        assert TeacherStore(tmp_path / f"own{len(extra)}").manifest["vocab_size"] == 32768
+
+
+def test_more_model_rows_than_max_vocab_padding(tmp_path, v3_model_dir):
+    ds = _jsonl(tmp_path / "d.jsonl", [{"text": TEXTS[0]}])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, _cli_args(v3_model_dir, ds, out, "--max-vocab-padding", "767"))
+    assert r.exit_code != 0, r.output
+    for n in ("32768 output rows", "32000", "768 extra rows", "--max-vocab-padding"):
+        assert n in r.output, (n, r.output)
+    assert not out.exists()
+    r = CliRunner().invoke(cli, _cli_args(v3_model_dir, ds, out, "--max-vocab-padding", "768"))
+    assert r.exit_code == 0, r.output
+    assert TeacherStore(out).manifest["model_vocab_size"] == 32768
+
+
+# ------------------------------------------------------------------------------------------
+# Resume must not mix data: model weights and dataset content are part of the settings
+# ------------------------------------------------------------------------------------------
+
+
+def test_model_hash_covers_every_parameter_tensor(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from xtok.extract import model_hash
+
+    mdir = _make_model(tmp_path / "m", 32000, seed=5)
+    m = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    base = model_hash(m)
+    assert model_hash(AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)) == base
+    g = torch.Generator().manual_seed(0)
+    names = [n for n, _ in m.named_parameters()]
+    assert len(names) > 10
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            old = p.detach().clone()
+            if p.dim() == 2:  # a rank-1 (LoRA-like) dense update
+                p.add_(1e-3 * torch.outer(torch.randn(p.shape[0], generator=g), torch.randn(p.shape[1], generator=g)))
+            else:
+                p.add_(1e-3 * torch.randn(p.shape, generator=g))
+            assert model_hash(m) != base, name
+            p.copy_(old)
+    assert model_hash(m) == base
+
+
+def test_resume_refuses_changed_weights_or_texts(tmp_path):
+    """A store made from other weights (a LoRA-merged checkpoint, same config and lm_head) or other
+    texts under the same ids is not resumed into; the unchanged command still resumes."""
+    from transformers import AutoModelForCausalLM
+
+    mdir = _make_model(tmp_path / "m", 32000, seed=6)
+    rows = [{"id": f"e{i}", "text": t} for i, t in enumerate(TEXTS[:4])]
+    ds = _jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "s"
+    run = lambda: CliRunner().invoke(cli, _cli_args(mdir, ds, out, "--shard-size", "2"))  # noqa: E731
+    r = run()
+    assert r.exit_code == 0, r.output
+    # (1) merge a rank-2 update into one attention projection of layer 0 (lm_head and config untouched)
+    orig = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    with torch.no_grad():
+        w = merged.model.layers[0].self_attn.q_proj.weight
+        g = torch.Generator().manual_seed(1)
+        w.add_(0.05 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g))
+    merged.save_pretrained(mdir)
+    r = run()
+    assert r.exit_code != 0 and "different settings" in r.output and "model_hash" in r.output, r.output
+    orig.save_pretrained(mdir)
+    r = run()
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.rindex('{"rank"'):])["new_examples"] == 0
+    # (2) the same ids with an edited text
+    _jsonl(ds, [dict(rows[0], text=rows[0]["text"].replace("fox", "cat"))] + rows[1:])
+    r = run()
+    assert r.exit_code != 0 and "different settings" in r.output and "dataset_fingerprint" in r.output, r.output
+    _jsonl(ds, rows)
+    r = run()
+    assert r.exit_code == 0 and json.loads(r.output[r.output.rindex('{"rank"'):])["store_examples"] == 4, r.output
+
+
+# ------------------------------------------------------------------------------------------
+# --split for local folders
+# ------------------------------------------------------------------------------------------
+
+
+def test_split_picks_files_by_name(tmp_path, model_dir):
+    from xtok.extract import read_dataset
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    _jsonl(d / "train.jsonl", [{"text": "tr0"}])
+    _jsonl(d / "test.jsonl", [{"text": "te0"}, {"text": "te1"}])
+    texts = lambda split: sorted(read_dataset(str(d), split)["text"])  # noqa: E731
+    assert texts("train") == ["tr0"]
+    assert texts("test") == ["te0", "te1"]
+    with pytest.raises(ExtractError, match=r"no files for --split validation \(splits there: test, train\)"):
+        read_dataset(str(d), "validation")
+    _jsonl(d / "my-dev_set.jsonl", [{"text": "va0"}])          # 'dev' between separators: validation
+    assert texts("validation") == texts("dev") == ["va0"]
+    # a single file is the whole dataset, whatever --split says
+    assert sorted(read_dataset(str(d / "test.jsonl"), "train")["text"]) == ["te0", "te1"]
+    # split-named sub-folders; a folder without split names is all 'train'
+    e = tmp_path / "nested"
+    (e / "v1" / "training").mkdir(parents=True)
+    (e / "v1" / "eval").mkdir()
+    _jsonl(e / "v1" / "training" / "part-0.jsonl", [{"text": "a"}, {"text": "b"}])
+    _jsonl(e / "v1" / "eval" / "part-0.jsonl", [{"text": "c"}])
+    assert sorted(read_dataset(str(e), "train")["text"]) == ["a", "b"]
+    assert sorted(read_dataset(str(e), "test")["text"]) == ["c"]
+    # a save_to_disk DatasetDict folder
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["p", "q"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["r"]})}).save_to_disk(str(tmp_path / "dd"))
+    assert read_dataset(str(tmp_path / "dd"), "test")["text"] == ["r"]
+    assert sorted(read_dataset(str(tmp_path / "dd"), "train")["text"]) == ["p", "q"]
+    f = tmp_path / "plain"
+    f.mkdir()
+    _jsonl(f / "part-0.jsonl", [{"text": "x"}])
+    _jsonl(f / "part-1.jsonl", [{"text": "y"}])
+    assert sorted(read_dataset(str(f), "train")["text"]) == ["x", "y"]
+    with pytest.raises(ExtractError, match="no file or folder name there names a split"):
+        read_dataset(str(f), "test")
+    # end to end: the store holds the requested split only
+    out = tmp_path / "s"
+    r = CliRunner().invoke(cli, _cli_args(model_dir, d, out, "--split", "test"))
+    assert r.exit_code == 0, r.output
+    assert sorted(ex.text for ex in TeacherStore(out)) == ["te0", "te1"]
+    r = CliRunner().invoke(cli, _cli_args(model_dir, d, tmp_path / "s2", "--split", "nope"))
+    assert r.exit_code != 0 and "--split nope" in r.output and not (tmp_path / "s2").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear message naming the option/file, no traceback, nothing left behind
+# ------------------------------------------------------------------------------------------
+
+
+def _assert_clean_failure(r, needles, out=None, code=None):
+    assert r.exit_code != 0, r.output
+    if code is not None:
+        assert r.exit_code == code, (r.exit_code, r.output)
+    assert isinstance(r.exception, SystemExit), (type(r.exception), r.output)  # a click error, not a crash
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+    if out is not None:
+        assert not Path(out).exists(), "half-made output left behind"
+
+
+def test_bad_options_and_paths_clear_errors(tmp_path, model_dir):
+    run = CliRunner().invoke
+    ds = _jsonl(tmp_path / "ok.jsonl", [{"text": "hello there"}])
+    out = tmp_path / "out"
+    for opt, val in (("--shard-size", "0"), ("--top-k", "0"), ("--top-k", "70000"), ("--token-budget", "0"),
+                     ("--chunk-mb", "0"), ("--max-length", "1"), ("--sample-tail", "-1"), ("--limit", "0"),
+                     ("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "0"), ("--max-vocab-padding", "-1")):
+        _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, opt, val)), [opt], out, code=2)
+    # the Python API checks the same bounds
+    with pytest.raises(ExtractError, match="--shard-size 0"):
+        extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(out),
+                              shard_size=0, progress=False))
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--device", "foo")), ["--device foo"], out)
+    if not torch.cuda.is_available():
+        _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--device", "cuda")),
+                              ["--device cuda", "CUDA is not available"], out)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, afile)), ["--output", "existing file"])
+    assert afile.read_text() == "x"
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, afile / "sub")), ["--output", "is a file"])
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, "/proc/xtok-test-store")),
+                          ["--output /proc/xtok-test-store"], "/proc/xtok-test-store")
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, "foo://bar")), ["--output foo://bar", "protocol"])
+    # a missing model folder is a --model error, even with the default tokenizer (the model folder)
+    args = ["extract", "--model", str(tmp_path / "nonexist"), "--dataset", str(ds), "-o", str(out), "-q"]
+    r = run(cli, args)
+    _assert_clean_failure(r, ["--model", "nonexist", "no such folder"], out)
+    assert "--tokenizer" not in r.output
+    nocfg = tmp_path / "nocfg"
+    nocfg.mkdir()
+    _assert_clean_failure(run(cli, _cli_args(nocfg, ds, out)), ["--model", "config.json"], out)
+
+
+def test_missing_hub_model_fails_fast(tmp_path, monkeypatch):
+    ds = _jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
+    out = tmp_path / "out"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hfcache"))
+    args = ["extract", "--model", "xtok-test-org/no-such-model-xyz", "--dataset", str(ds), "-o", str(out), "-q"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(cli, args)
+    _assert_clean_failure(r, ["--model xtok-test-org/no-such-model-xyz", "cache", "HF_HUB_OFFLINE"], out)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    r = CliRunner().invoke(cli, args)  # no network here (or a hub without that repo): one quick request
+    _assert_clean_failure(r, ["--model xtok-test-org/no-such-model-xyz"], out)
+    assert time.perf_counter() - t0 < 20
+
+
+def test_bad_rows_and_templates_clear_errors(tmp_path, model_dir):
+    run = CliRunner().invoke
+    out = tmp_path / "out"
+    ds = _jsonl(tmp_path / "int.jsonl", [{"text": "fine"}, {"text": 5}])
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out)), ["int.jsonl", "row 1", "'text'", "int"], out)
+    ds = _jsonl(tmp_path / "msg.jsonl", [{"messages": [{"role": "user", "content": 3}]}])
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out)), ["msg.jsonl", "row 0", "'content'"], out)
+    # --chat-template on a plain-text dataset: a missing file, or one that exists, is refused
+    ds = _jsonl(tmp_path / "text.jsonl", [{"text": "hello"}])
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--chat-template", str(tmp_path / "nope.jinja"))),
+                          ["--chat-template", "nope.jinja"], out)
+    tpl = tmp_path / "chatml.jinja"
+    tpl.write_text(CHATML)
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--chat-template", str(tpl))),
+                          ["--chat-template", "plain text", "--messages-column"], out)
+    # a template that refuses a row at render time (after the store folder was made): named row, no folder left
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                      "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    ds = _jsonl(tmp_path / "chat.jsonl", _chat_rows())
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--chat-template", str(strict))),
+                          ["chat.jsonl", "row 1", "'c2'", "no system turns"], out)
+
+
+# ------------------------------------------------------------------------------------------
+# Length-sorted batching
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batches_budget_sorted_and_complete(seed):
+    from xtok.extract import _batches
+
+    rng = np.random.default_rng(seed)
+    lengths = np.concatenate([rng.integers(1, 300, 200), [500, 500, 1, 1]])  # two longer than the budget
+    budget = 400
+    batches = _batches(lengths, budget)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))          # every index exactly once
+    prev_min = None
+    for b in batches:
+        L = lengths[b]
+        assert (np.diff(L) <= 0).all()                                  # sorted within a batch (longest first)
+        if prev_min is not None:
+            assert L.max() <= prev_min                                  # ... and across batches
+        prev_min = L.min()
+        if len(b) > 1:
+            assert len(b) * L.max() <= budget                           # padded tokens within the budget
+        else:
+            assert L[0] > budget or len(b) * L.max() <= budget
+    # greedy: no batch could have taken the next example without exceeding the budget
+    for b, nxt in zip(batches[:-1], batches[1:]):
+        assert (len(b) + 1) * lengths[b].max() > budget
+    assert (lengths[flat] == np.sort(lengths)[::-1]).all()

@@ -10,6 +10,13 @@ top-k (optionally a top-p cap), the exact tail mass, the realised token's log-pr
 mass and sampled tail ids, so no [B, T, V] fp32 logits ever exist and only [N, k]-sized results
 leave the device -> atomic shard write. Committed shards are skipped on a re-run (resume); every
 shard's content depends only on its own examples, so a resumed store equals an uninterrupted one.
+
+The output layer is re-applied by hand (body hidden states -> `OutputLayer.logits`): the lm_head
+weight (and bias), then the model's known logit transforms (`logits_scaling` divides: Granite;
+`logit_scale` / `lm_head_multiplier` multiply: Cohere, Falcon-H1; `final_logit_softcapping`: Gemma
+2/3, ...), then the temperature. At load time the model's own forward runs on a short probe and its
+log-softmax must agree with the hand-applied one (`check_output_layer`); a model with a transform xtok
+does not know is refused instead of yielding silently wrong distributions.
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from .store import StoreWriter, encode_example, example_key, quantize_logprobs, QSTEP, D_MAX, FORMAT_VERSION
+from .store import StoreError, StoreWriter, encode_example, example_key, quantize_logprobs, QSTEP, D_MAX, FORMAT_VERSION
 
-__all__ = ["ExtractConfig", "ExtractError", "extract", "teacher_targets", "load_teacher", "read_dataset"]
+__all__ = ["ExtractConfig", "ExtractError", "OutputLayer", "extract", "teacher_targets", "load_teacher", "read_dataset",
+           "check_output_layer", "model_hash"]
 
 
 class ExtractError(ValueError):
@@ -63,6 +74,7 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
     max_vocab_padding: int = 4096
+    force_tokenizer: bool = False         # accept a --tokenizer that differs from the model folder's own
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,14 +82,28 @@ class ExtractConfig:
 # ------------------------------------------------------------------------------------------
 
 
+def _output_logits(h, w, b, logit_scale: float = 1.0, softcap: float | None = None):
+    """float32 logits of the output layer: softcap(logit_scale * (h @ w.T + b)) (the order the models use)."""
+    import torch
+
+    logits = torch.nn.functional.linear(h, w, b).float()
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, word_start=None, bias=None,
-                    temperature: float = 1.0, softcap: float | None = None, top_p: float | None = None,
+                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                    top_p: float | None = None,
                     sample_tail: int = 0, uniforms=None, chunk_rows: int | None = None, chunk_bytes: int = 256 << 20):
     """Teacher statistics for N output positions, computed in chunks of positions on hidden's device.
 
     hidden [N, D] (final hidden states at the positions), weight [V_model, D] (output layer), targets
     [N] (realised next token ids), vocab_size: the tokenizer's vocabulary (model rows beyond it are
-    padding and are excluded from the softmax), word_start bool [vocab_size], uniforms [N, m] in
+    padding and are excluded from the softmax), logits = softcap(logit_scale * (hidden @ weight.T + bias)) /
+    temperature, word_start bool [vocab_size], uniforms [N, m] in
     [0, 1) for the sampled tail (inverse-CDF sampling, so results depend only on the uniforms).
     Returns CPU tensors: topk_ids int32 [N, k], topk_logprobs float32 [N, k] (descending, normalised
     by the exact full-vocab log-sum-exp), n_kept int64 [N] (top-p), tail_mass float32 [N] (exact,
@@ -100,9 +126,7 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
                            "tail_ids")}
     for s in range(0, N, chunk_rows):
         h = hidden[s: s + chunk_rows]
-        logits = torch.nn.functional.linear(h, w, b).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = _output_logits(h, w, b, logit_scale, softcap)
         if temperature != 1.0:
             logits = logits / temperature
         vals, ids = torch.topk(logits, k, dim=-1, sorted=True)
@@ -168,17 +192,159 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def resolve_device(device: str) -> str:
+    """The torch device for `--device` (auto: cuda:LOCAL_RANK when CUDA is present, else cpu); an
+    ExtractError for a name torch does not know or a device this machine does not have."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ExtractError(f"--device {device}: not a device name torch knows. Expected auto, cpu, cuda, cuda:N "
+                           "or mps.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            how = f"built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda else \
+                "a CPU-only build"
+            raise ExtractError(f"--device {device}: CUDA is not available here (torch {torch.__version__}: {how}). "
+                               "Use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ExtractError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ExtractError(f"--device {device}: MPS is not available here. Use --device cpu (or auto).")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as e:  # noqa: BLE001
+            raise ExtractError(f"--device {device}: not usable here ({type(e).__name__}: {str(e)[:160]}). "
+                               "Use --device cpu (or auto).") from None
+    return str(device)
 
 
-def load_teacher(model: str, dtype: str = "auto", device: str = "cpu"):
-    """(model in eval mode, body, output weight [V, D], bias or None, logit softcap or None)."""
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model_spec(model: str) -> None:
+    """Cheap checks of `--model` before anything is loaded: a local folder must exist and hold a
+    config.json; a hub id must be in the local Hugging Face cache or the hub must answer at once (no
+    long retry loops when there is no network)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ExtractError(f"--model {model}: is a file; pass the model folder (config.json + weights) or a "
+                               "hub id.")
+        if not (p / "config.json").exists():
+            raise ExtractError(f"--model {model}: the folder has no config.json; pass a transformers model folder "
+                               "(config.json + weights) or a hub id like 'org/name'.")
+        return
+    if model.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(model):
+        raise ExtractError(f"--model {model}: no such folder (and not a hub id like 'org/name').")
+    try:
+        import huggingface_hub as hf
+        from huggingface_hub import constants as hfc
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    try:
+        cached = hf.try_to_load_from_cache(model, "config.json")
+    except Exception:  # noqa: BLE001
+        cached = None
+    if isinstance(cached, str):
+        return
+    where = getattr(hfc, "HF_HUB_CACHE", "the Hugging Face cache")
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or getattr(hfc, "HF_HUB_OFFLINE", False):
+        raise ExtractError(f"--model {model}: not a local folder and not in the local Hugging Face cache ({where}), "
+                           "and HF_HUB_OFFLINE is set. Download it first (`hf download "
+                           f"{model}`) or pass a local folder.")
+    try:
+        hf.model_info(model, timeout=10)
+    except Exception as e:  # noqa: BLE001
+        name = type(e).__name__
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "HfHubHTTPError") or "404" in str(e)[:200]:
+            raise ExtractError(f"--model {model}: no such model on the hub, or it is private/gated ({name}); check "
+                               "the id, or log in (`hf auth login`).") from None
+        raise ExtractError(f"--model {model}: not a local folder, not in the local Hugging Face cache ({where}), "
+                           f"and the hub cannot be reached ({name}: {str(e)[:120]}). Download it first with network "
+                           "access, or pass a local folder.") from None
+
+
+@dataclass
+class OutputLayer:
+    """The teacher's output layer as xtok applies it: logits = softcap(scale * (h @ weight.T + bias)).
+    `source` names the config fields it came from (for messages and the manifest)."""
+    weight: Any
+    bias: Any = None
+    scale: float = 1.0
+    softcap: float | None = None
+    source: str = "lm_head"
+
+    def logits(self, h, vocab_size: int | None = None):
+        V = self.weight.shape[0] if vocab_size is None else int(vocab_size)
+        return _output_logits(h, self.weight[:V], self.bias[:V] if self.bias is not None else None, self.scale,
+                              self.softcap)
+
+    def describe(self) -> dict:
+        return {"scale": self.scale, "softcap": self.softcap, "source": self.source}
+
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x.item() if hasattr(x, "item") else x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _output_layer(mdl, head) -> OutputLayer:
+    """The known logit transforms of transformers causal LMs (see transformers' modeling_*.py)."""
+    cfg = mdl.config
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    mt = str(getattr(cfg, "model_type", "") or "")
+    scale, src = 1.0, ["lm_head"]
+    for c in (tc, cfg):
+        v = _num(getattr(c, "logits_scaling", None))          # Granite family: logits / s
+        if v:
+            if v != 1.0:
+                scale, src = 1.0 / v, src + [f"logits_scaling={v:g}"]
+            break
+    if mt.startswith("cohere"):                                  # Cohere family: logits * s
+        v = _num(getattr(mdl, "logit_scale", None))
+        if v is None:
+            v = _num(getattr(tc, "logit_scale", None))
+        if v is not None and v != 1.0:
+            scale, src = scale * v, src + [f"logit_scale={v:g}"]
+    v = _num(getattr(getattr(mdl, "model", None), "lm_head_multiplier", None))   # Falcon-H1: logits * s
+    if v is None:
+        v = _num(getattr(tc, "lm_head_multiplier", None))
+    if v is not None and v != 1.0:
+        scale, src = scale * v, src + [f"lm_head_multiplier={v:g}"]
+    if mt.startswith("muse"):                                    # MuseSpark: logits * s, then the softcap
+        v = _num(getattr(tc, "output_multiplier", None))
+        if v is not None and v != 1.0:
+            scale, src = scale * v, src + [f"output_multiplier={v:g}"]
+    softcap = None
+    for c in (tc, cfg):
+        v = _num(getattr(c, "final_logit_softcapping", None))  # Gemma 2/3/4, ...: s * tanh(logits / s)
+        if v:
+            softcap = v
+            src.append(f"final_logit_softcapping={v:g}")
+            break
+    return OutputLayer(head.weight, getattr(head, "bias", None), float(scale), softcap, " ".join(src))
+
+
+def load_teacher(model: str, dtype: str = "auto", device: str = "cpu", check_spec: bool = True):
+    """(model in eval mode, body, OutputLayer). The output layer is not yet checked against the
+    model's own forward: `check_output_layer` does that."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -188,9 +354,9 @@ def load_teacher(model: str, dtype: str = "auto", device: str = "cpu"):
         tdt = getattr(torch, _DTYPES[dtype])
     else:
         raise ExtractError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16.")
+    if check_spec:
+        check_model_spec(model)
     p = Path(model).expanduser()
-    if not p.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ExtractError(f"--model {model}: no such folder (and not a hub id like 'org/name').")
     try:
         mdl = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else model, dtype=tdt)
     except Exception as e:  # noqa: BLE001
@@ -203,14 +369,91 @@ def load_teacher(model: str, dtype: str = "auto", device: str = "cpu"):
     body = mdl.base_model if mdl.base_model is not mdl else None
     if body is None:
         raise ExtractError(f"--model {model}: cannot separate the model body from its output layer.")
-    softcap = getattr(mdl.config, "final_logit_softcapping", None)
-    return mdl, body, head.weight, getattr(head, "bias", None), softcap
+    return mdl, body, _output_layer(mdl, head)
 
 
-def model_hash(mdl) -> str:
+def _body_hidden(body, ids_t, att_t):
+    out = body(input_ids=ids_t, attention_mask=att_t, use_cache=False)
+    return out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+
+
+def check_output_layer(mdl, body, head: OutputLayer, probe_ids, vocab_size: int, name: str) -> float:
+    """Run the model's own forward on `probe_ids` and compare its log-softmax (over the tokenizer's
+    vocab) with the body + `head` as xtok applies them. Returns the max abs log-prob difference;
+    raises ExtractError beyond the tolerance 1e-3 + 4 eps(dtype) max|logit| (the rounding of a
+    dtype-precision transform of the logits; a missed transform is far larger on trained models)."""
+    import torch
+
+    dev = head.weight.device
+    V = int(vocab_size)
+    with torch.inference_mode():
+        ids = torch.as_tensor(np.asarray(probe_ids, dtype=np.int64)[None], device=dev)
+        att = torch.ones_like(ids)
+        out = mdl(input_ids=ids, attention_mask=att, use_cache=False)
+        ref = out.logits[0, :, :V].double()
+        ours = head.logits(_body_hidden(body, ids, att)[0], V).double()
+    lr, lo = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
+    both_inf = torch.isinf(lr) & torch.isinf(lo) & (lr.sign() == lo.sign())
+    diff = torch.where(both_inf, torch.zeros_like(lr), (lr - lo).abs())
+    err = float(diff.nan_to_num(math.inf).max()) if diff.numel() else 0.0
+    wdt = head.weight.dtype
+    eps = torch.finfo(wdt).eps if wdt.is_floating_point else 1e-2
+    mx = float(ref[torch.isfinite(ref)].abs().max()) if torch.isfinite(ref).any() else 0.0
+    tol = 1e-3 + 4 * eps * mx
+    if not err <= tol:
+        mt = getattr(mdl.config, "model_type", "?")
+        raise ExtractError(
+            f"--model {name}: the output layer could not be reproduced: the model's own forward ({mt}) and "
+            f"xtok's body + output layer ({head.source}) disagree by {err:.3g} in log-prob (tolerance {tol:.2g}) "
+            f"on a {ids.shape[1]}-token probe, so the stored distributions would be wrong. This architecture "
+            "transforms its logits in a way xtok does not know (known: logits_scaling, logit_scale, "
+            "lm_head_multiplier, final_logit_softcapping); please report it.")
+    return err
+
+
+def _probe_ids(tok, n: int, vocab: int) -> np.ndarray:
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. 1, 2, 3: Hello, world!")
+    if tok.bos_id is not None:
+        ids = np.concatenate([[tok.bos_id], ids])
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < vocab)][:n]
+    if ids.shape[0] < min(n, 4):
+        ids = (np.arange(n, dtype=np.int64) * 7919 + 3) % vocab
+    return ids
+
+
+_POS_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len")
+
+
+def model_max_length(mdl) -> tuple[int | None, str | None]:
+    """(the model's position limit, the config field it came from), or (None, None)."""
+    cfg = mdl.config
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for c in (tc, cfg):
+        for f in _POS_FIELDS:
+            v = getattr(c, f, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return int(v), f
+    return None, None
+
+
+def model_hash(mdl, per_tensor: int = 1024) -> str:
+    """sha256 of the config and, for every parameter tensor (name, shape, dtype), a strided sample of
+    `per_tensor` values (the whole tensor when smaller) taken on the device and compared as float32
+    bytes: a retrained, fine-tuned or LoRA-merged checkpoint (dense weight changes) gets another hash."""
+    import torch
+
     h = hashlib.sha256(mdl.config.to_json_string(use_diff=False).encode())
-    w = mdl.get_output_embeddings().weight
-    h.update(np.asarray(w[:4].detach().float().cpu().numpy(), dtype="<f4").tobytes())
+    samples = []
+    with torch.no_grad():
+        for name, p in mdl.named_parameters():
+            flat = p.detach().reshape(-1)
+            n = flat.numel()
+            stride = max(1, n // per_tensor)
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+            samples.append(flat[::stride][:per_tensor].float())
+        if samples:
+            h.update(np.ascontiguousarray(torch.cat(samples).cpu().numpy(), dtype="<f4").tobytes())
     return h.hexdigest()
 
 
@@ -222,13 +465,58 @@ def model_hash(mdl) -> str:
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
+# split keywords as `datasets` reads them from file and folder names (datasets.data_files.SPLIT_KEYWORDS)
+_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                   "test": ("test", "testing", "eval", "evaluation")}
+_SHARDED = re.compile(r"data/([\w-]+?)-\d{5}-of-\d{5}[^/]*")
+_NON_WORD = re.compile(r"[-._ 0-9/]+")
+
+
+def _canonical_split(split: str) -> str:
+    for name, words in _SPLIT_KEYWORDS.items():
+        if split.lower() in words:
+            return name
+    return split
+
+
+def _words_split(text: str) -> list[str]:
+    words = set(_NON_WORD.split(text.lower()))
+    return [name for name, kws in _SPLIT_KEYWORDS.items() if words.intersection(kws)]
+
+
+def split_files(root: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """Files of a local dataset folder by split, the way `datasets` assigns them: `data/{split}-NNNNN-of-NNNNN.*`
+    shards first, else split keywords (train/training, validation/valid/dev/val, test/testing/eval/evaluation,
+    delimited by - . _ space or digits) in folder names, else in file names; a folder with no split-named
+    files is one 'train' split. Files that name no split are left out when others do."""
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    out: dict[str, list[Path]] = {}
+    for f, r in rel.items():
+        m = _SHARDED.fullmatch(r)
+        if m:
+            out.setdefault(m.group(1), []).append(f)
+    if out:
+        return out
+    for part in ("dir", "name"):
+        for f, r in rel.items():
+            dirs, _, name = r.rpartition("/")
+            for sp in _words_split(dirs if part == "dir" else name) if (dirs or part == "name") else []:
+                out.setdefault(sp, []).append(f)
+        if out:
+            return out
+    return {"train": list(files)}
+
+
 def read_dataset(spec: str, split: str = "train"):
+    """A `datasets.Dataset`: a `save_to_disk` folder (its `split` when it is a DatasetDict), a local
+    .jsonl/.json/.parquet/.arrow file (one file is the whole dataset: `split` is ignored), a folder of
+    them (files chosen by `split`, see `split_files`), or a hub dataset id."""
     import datasets
 
     datasets.disable_progress_bars()
     p = Path(spec).expanduser()
     try:
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+        if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -236,7 +524,23 @@ def read_dataset(spec: str, split: str = "train"):
                 ds = ds[split]
             return ds
         if p.exists():
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _BUILDERS)
+            if p.is_file():
+                files = [p]
+            else:
+                every = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _BUILDERS
+                               and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                if not every:
+                    raise ExtractError(f"--dataset {spec}: no .jsonl/.json/.parquet/.arrow files there.")
+                by_split = split_files(p, every)
+                want = _canonical_split(split)
+                if want not in by_split:
+                    if list(by_split) == ["train"] and len(by_split["train"]) == len(every):
+                        raise ExtractError(f"--dataset {spec}: no files for --split {split}: no file or folder name "
+                                           "there names a split, so all its files form the 'train' split. Pass "
+                                           "--split train, or name the files e.g. test.jsonl.")
+                    raise ExtractError(f"--dataset {spec}: no files for --split {split} (splits there: "
+                                       f"{', '.join(sorted(by_split))}). Pass --split with one of them.")
+                files = sorted(by_split[want])
             if not files:
                 raise ExtractError(f"--dataset {spec}: no .jsonl/.json/.parquet/.arrow files there.")
             kinds = {_BUILDERS.get(f.suffix) for f in files}
@@ -297,13 +601,18 @@ class _Renderer:
             raise ExtractError("--targets assistant needs a chat dataset (a messages or user+assistant column).")
         self.add_bos = (tok.bos_id is not None) if cfg.add_bos is None else cfg.add_bos
         self.template = None
-        if self.chat:
+        if cfg.chat_template:
             from .chat import load_template
 
             try:
-                self.template = load_template(cfg.chat_template) if cfg.chat_template else None
+                self.template = load_template(cfg.chat_template)
             except Exception as e:  # noqa: BLE001
                 raise ExtractError(f"--chat-template {cfg.chat_template}: {e}") from e
+            if not self.chat:
+                raise ExtractError(f"--chat-template {cfg.chat_template}: the dataset {cfg.dataset} is read as plain "
+                                   f"text (column {tc!r}), and a chat template applies only to chat datasets (a "
+                                   "messages column, or user+assistant columns). Drop --chat-template, or pass "
+                                   "--messages-column.")
 
     def messages(self, row) -> Any:
         if isinstance(self.mc, tuple):
@@ -323,6 +632,39 @@ class _Renderer:
             return {"messages": row[self.mc]}
         return {"text": row[self.tc]}
 
+    def content(self, row):
+        """The part of a row that the teacher reads (for the dataset fingerprint)."""
+        if isinstance(self.mc, tuple):
+            return {c: row[c] for c in self.mc}
+        return row[self.mc] if self.chat else row[self.tc]
+
+    def bad_type(self, row) -> str | None:
+        """None, or what is wrong with the types of the row's fields."""
+        def what(v):
+            return f"{type(v).__name__} ({v!r:.40})"
+
+        if not self.chat:
+            v = row[self.tc]
+            return None if v is None or isinstance(v, str) else f"column {self.tc!r} holds {what(v)}, expected a string"
+        if isinstance(self.mc, tuple):
+            for c in self.mc:
+                if row[c] is not None and not isinstance(row[c], str):
+                    return f"column {c!r} holds {what(row[c])}, expected a string"
+            return None
+        msgs = row[self.mc]
+        if msgs is None:
+            return None
+        if not isinstance(msgs, (list, tuple)):
+            return f"column {self.mc!r} holds {what(msgs)}, expected a list of {{'role', 'content'}} messages"
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                return f"column {self.mc!r}, message {j}: expected an object with 'role' and 'content', got {what(m)}"
+            if not isinstance(m["role"], str):
+                return f"column {self.mc!r}, message {j}: 'role' holds {what(m['role'])}, expected a string"
+            if m["content"] is not None and not isinstance(m["content"], str):
+                return f"column {self.mc!r}, message {j}: 'content' holds {what(m['content'])}, expected a string"
+        return None
+
     def is_empty(self, row) -> str | None:
         """None, or the name of the empty field."""
         if self.chat:
@@ -338,14 +680,11 @@ class _Renderer:
         return self.tc if not row[self.tc] else None
 
     def render(self, row):
-        """(text, ids int64, positions int64)."""
+        """(text, ids int64, positions int64); errors (ChatFormatError, TypeError...) propagate raw."""
         if self.chat:
-            from .chat import ChatFormatError, render_chat
+            from .chat import render_chat
 
-            try:
-                rc = render_chat(self.tok, self.messages(row), template=self.template)
-            except ChatFormatError as e:
-                raise ExtractError(f"--dataset {self.cfg.dataset}: {e}") from e
+            rc = render_chat(self.tok, self.messages(row), template=self.template)
             text, ids, mask = rc.text, rc.ids, rc.assistant_mask
         else:
             text = row[self.tc]
@@ -398,21 +737,119 @@ def _uniforms(key: str, seed: int, n: int, m: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
+def _check_options(cfg: ExtractConfig) -> None:
+    def need(ok, msg):
+        if not ok:
+            raise ExtractError(msg)
+
+    need(1 <= cfg.top_k <= 65535, f"--top-k {cfg.top_k}: expected 1..65535.")
+    need(cfg.top_p is None or 0.0 < cfg.top_p <= 1.0, f"--top-p {cfg.top_p}: expected 0 < p <= 1.")
+    need(math.isfinite(cfg.temperature) and cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0.")
+    need(cfg.sample_tail >= 0, f"--sample-tail {cfg.sample_tail}: must be >= 0.")
+    need(cfg.shard_size >= 1, f"--shard-size {cfg.shard_size}: must be >= 1.")
+    need(cfg.token_budget >= 1, f"--token-budget {cfg.token_budget}: must be >= 1.")
+    need(cfg.chunk_mb >= 1, f"--chunk-mb {cfg.chunk_mb}: must be >= 1.")
+    need(cfg.max_length >= 2, f"--max-length {cfg.max_length}: must be >= 2 (a target needs two tokens).")
+    need(cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: must be >= 1.")
+    need(cfg.max_vocab_padding >= 0, f"--max-vocab-padding {cfg.max_vocab_padding}: must be >= 0.")
+
+
+def _check_output(output: str) -> None:
+    """Cheap checks of `--output` before anything is loaded (the folder itself is made later)."""
+    out = str(output)
+    if "://" in out:
+        import fsspec
+
+        proto = out.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ValueError:
+            raise ExtractError(f"--output {out}: unknown URL protocol {proto!r} (fsspec does not know it). Pass a "
+                               "local folder or a URL such as s3://bucket/path (with s3fs installed).") from None
+        except ImportError as e:
+            raise ExtractError(f"--output {out}: the {proto!r} protocol needs an extra package ({e}).") from None
+        return
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ExtractError(f"--output {out}: is an existing file, not a folder. Pass a new folder (or an earlier "
+                           "store of this command).")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ExtractError(f"--output {out}: {anc} is a file, so no folder can be made under it.")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ExtractError(f"--output {out}: {anc} is not writable (permissions). Pass another folder.")
+
+
+def _url_fs(output: str):
+    """(fsspec filesystem or None for a local path, path/root)."""
+    if "://" not in str(output):
+        return None, os.path.abspath(os.path.expanduser(str(output)))
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(output))
+
+
+def _output_exists(output: str) -> bool:
+    try:
+        fs, root = _url_fs(output)
+        return os.path.exists(root) if fs is None else bool(fs.exists(root))
+    except Exception:  # noqa: BLE001 - then the writer reports the problem
+        return True
+
+
+def _remove_output(output: str) -> None:
+    """Remove a store folder this run created and committed nothing to."""
+    try:
+        fs, root = _url_fs(output)
+        if fs is None:
+            shutil.rmtree(root, ignore_errors=True)
+        elif fs.exists(root):
+            fs.rm(root, recursive=True)
+    except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+        pass
+
+
+def _model_tokenizer(model: str):
+    """The tokenizer in a local model folder, or None (no tokenizer files there / not loadable)."""
+    from .tokens import TokenizerLoadError, load_tokenizer
+
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return None
+    has = any((p / f).exists() for f in ("tokenizer.json", "tokenizer.json.xz")) or any(p.glob("*.model*")) \
+        or any(p.glob("tekken*.json"))
+    if not has:
+        return None
+    try:
+        return load_tokenizer(str(p))
+    except TokenizerLoadError:
+        return None
+
+
+def _fingerprint_update(h, key: str, content) -> None:
+    if isinstance(content, str):
+        body = content
+    else:
+        body = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    h.update(json.dumps(key, ensure_ascii=False).encode())
+    h.update(b"\x00")
+    h.update(body.encode("utf-8", "surrogatepass"))
+    h.update(b"\x01")
+
+
 def extract(cfg: ExtractConfig) -> dict:
     """Run the extraction for this rank; returns {"manifest": merged manifest or None, "stats": ...}."""
     import torch
 
     from .tokens import TokenizerLoadError, load_tokenizer
 
-    if cfg.top_k < 1 or cfg.top_k > 65535:
-        raise ExtractError(f"--top-k {cfg.top_k}: expected 1..65535.")
-    if cfg.top_p is not None and not (0.0 < cfg.top_p <= 1.0):
-        raise ExtractError(f"--top-p {cfg.top_p}: expected 0 < p <= 1.")
-    if cfg.temperature <= 0:
-        raise ExtractError(f"--temperature {cfg.temperature}: must be > 0.")
-    if cfg.sample_tail < 0:
-        raise ExtractError("--sample-tail must be >= 0.")
+    _check_options(cfg)
     rank, world = _rank_world(cfg)
+    _check_output(cfg.output)
+    device = resolve_device(cfg.device)
+    check_model_spec(cfg.model)
 
     # -- dataset first (cheap checks before loading a model) ----------------------------------
     ds = read_dataset(cfg.dataset, cfg.split)
@@ -422,13 +859,29 @@ def extract(cfg: ExtractConfig) -> dict:
     try:
         tok = load_tokenizer(tok_spec)
     except TokenizerLoadError as e:
-        raise ExtractError(f"--tokenizer: {e} (pass --tokenizer when the model folder has none).") from e
+        if cfg.tokenizer:
+            raise ExtractError(f"--tokenizer {cfg.tokenizer}: {e}") from e
+        raise ExtractError(f"--model {cfg.model}: no usable tokenizer in the model folder ({e}); pass --tokenizer.") \
+            from e
+    if cfg.tokenizer:
+        own = _model_tokenizer(cfg.model)
+        if own is not None and own.content_hash != tok.content_hash and not cfg.force_tokenizer:
+            raise ExtractError(
+                f"--tokenizer {cfg.tokenizer} ({tok.vocab_size} tokens, content hash {tok.content_hash[:12]}) is not "
+                f"the tokenizer in the model folder {cfg.model} ({own.vocab_size} tokens, content hash "
+                f"{own.content_hash[:12]}): the teacher's ids would stand for other tokens. Drop --tokenizer to use "
+                "the model's own, or pass --force-tokenizer if you are sure they agree.")
     rend = _Renderer(tok, cfg, list(ds.column_names))
     key_cols = [c for c in ds.column_names if c in (cfg.key_column, "id", "key", rend.tc)
                 or (isinstance(rend.mc, str) and c == rend.mc) or (isinstance(rend.mc, tuple) and c in rend.mc)]
     kds = ds.select_columns(key_cols)
     keys, rows_kept, seen, n_dup, n_empty = [], [], set(), 0, 0
+    fph = hashlib.sha256()
     for i, row in enumerate(kds):
+        bad = rend.bad_type(row)
+        if bad is not None:
+            raise ExtractError(f"--dataset {cfg.dataset}: row {i}: {bad}. Fix the row, or point --text-column / "
+                               "--messages-column at the right column.")
         empty = rend.is_empty(row)
         if empty is not None:
             if cfg.skip_empty:
@@ -436,25 +889,30 @@ def extract(cfg: ExtractConfig) -> dict:
                 continue
             raise ExtractError(f"--dataset {cfg.dataset}: row {i}: field {empty!r} is empty. Remove empty rows or "
                                "pass --skip-empty to skip (and count) them.")
-        k = example_key(rend.key_row(row), cfg.key_column)
+        try:
+            k = example_key(rend.key_row(row), cfg.key_column)
+        except KeyError:
+            raise ExtractError(f"--dataset {cfg.dataset}: row {i}: --key-column {cfg.key_column!r} is missing or "
+                               "null.") from None
         if k in seen:
             n_dup += 1
             continue
         seen.add(k)
         keys.append(k)
         rows_kept.append(i)
+        _fingerprint_update(fph, k, rend.content(row))
     if not keys:
         raise ExtractError(f"--dataset {cfg.dataset}: no examples to extract (empty dataset or all rows empty).")
-    fp = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    fp = fph.hexdigest()
     mine = list(range(rank, len(keys), world))
 
     # -- model ---------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
     if not cfg.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    mdl, body, weight, bias, softcap = load_teacher(cfg.model, cfg.dtype, device)
+    mdl, body, head = load_teacher(cfg.model, cfg.dtype, device, check_spec=False)
+    weight = head.weight
     Vm, Vt = int(weight.shape[0]), tok.vocab_size
     if Vm < Vt:
         raise ExtractError(f"--model {cfg.model} has {Vm} output rows but the tokenizer {tok.name!r} has {Vt} tokens: "
@@ -463,22 +921,69 @@ def extract(cfg: ExtractConfig) -> dict:
         raise ExtractError(f"--model {cfg.model} has {Vm} output rows but the tokenizer {tok.name!r} has only {Vt} "
                            f"tokens ({Vm - Vt} extra rows is more than padding). Pass the model's own tokenizer with "
                            "--tokenizer (or raise --max-vocab-padding if the padding is real).")
+    model_max, model_max_field = model_max_length(mdl)
+    max_len = min(cfg.max_length, model_max) if model_max else cfg.max_length
+    capped = max_len < cfg.max_length
+    if capped and cfg.progress:
+        print(f"xtok extract: --max-length {cfg.max_length} capped at the model's {model_max} positions "
+              f"({model_max_field}); longer examples are skipped and counted.", file=sys.stderr)
+    probe_err = check_output_layer(mdl, body, head, _probe_ids(tok, min(16, max_len), Vt), Vt, cfg.model)
     ws_mask = torch.as_tensor(tok.token_bytes.word_start.copy(), device=device)
-    tmpl_src = rend.template or (tok.chat_template if rend.chat else None)
+    if rend.template is not None:
+        tmpl_src, tmpl_from = rend.template, "--chat-template"
+    elif rend.chat and tok.chat_template:
+        tmpl_src, tmpl_from = tok.chat_template, "tokenizer"
+    elif rend.chat:
+        from .chat import default_template
+
+        tmpl_src, tmpl_from = default_template(tok), "built-in default"
+    else:
+        tmpl_src, tmpl_from = None, None
     header = {
         "model": cfg.model, "model_hash": model_hash(mdl), "model_vocab_size": Vm,
+        "output_layer": head.describe(),
         "tokenizer": tok_spec, "tokenizer_hash": tok.content_hash, "vocab_size": Vt,
         "chat_template_hash": hashlib.sha256(tmpl_src.encode()).hexdigest() if tmpl_src else None,
+        "chat_template_source": tmpl_from,
         "dataset": cfg.dataset, "split": cfg.split, "limit": cfg.limit, "dataset_fingerprint": fp,
         "n_dataset_examples": len(keys),
         "top_k": min(cfg.top_k, Vt), "top_p": cfg.top_p, "sample_tail": cfg.sample_tail, "temperature": cfg.temperature,
         "targets": rend.targets, "add_bos": bool(rend.add_bos) if not rend.chat else None,
-        "max_length": cfg.max_length, "token_budget": cfg.token_budget, "shard_size": cfg.shard_size,
+        "max_length": max_len, "token_budget": cfg.token_budget, "shard_size": cfg.shard_size,
         "dtype": str(weight.dtype).replace("torch.", ""), "seed": cfg.seed, "world": world,
         "quantization": {"logprobs": "uint8 sqrt-grid relative to top-1, delta-coded", "step": QSTEP, "d_max": D_MAX},
         "key_rule": "id/key column, else sha256 of content (xtok.store.example_key)",
     }
-    writer = StoreWriter(cfg.output, header, rank=rank, world=world, overwrite=cfg.overwrite)
+    fresh = not _output_exists(cfg.output)
+    try:
+        writer = StoreWriter(cfg.output, header, rank=rank, world=world, overwrite=cfg.overwrite)
+    except StoreError:
+        raise
+    except (OSError, ValueError, ImportError) as e:
+        if fresh and world == 1:
+            _remove_output(cfg.output)
+        raise ExtractError(f"--output {cfg.output}: cannot make the store there ({type(e).__name__}: {e}). Pass "
+                           "a writable local folder or a supported fsspec URL.") from e
+    ok = False
+    try:
+        stats = _extract_shards(cfg, ds, rend, keys, rows_kept, mine, writer, body, head, Vt, ws_mask, device, max_len,
+                                rank, world)
+        ok = True
+    finally:
+        if not ok and fresh and world == 1 and not writer.committed():
+            _remove_output(cfg.output)  # nothing was committed: leave no half-made store behind
+    stats["duplicates"] = n_dup
+    stats["empty"] = n_empty
+    stats["max_length"] = max_len
+    stats["model_max_length"] = model_max
+    stats["max_length_capped"] = capped
+    stats["output_layer_probe_error"] = probe_err
+    man = writer.finish({k: stats[k] for k in ("duplicates", "empty")} if rank == 0 else None)
+    return {"manifest": man, "stats": stats, "rank": rank, "world": world}
+
+
+def _extract_shards(cfg, ds, rend, keys, rows_kept, mine, writer, body, head, Vt, ws_mask, device, max_len, rank,
+                    world) -> dict:
     done = writer.committed()
     n_shards = math.ceil(len(mine) / cfg.shard_size)
     todo = [j for j in range(n_shards) if j not in done]
@@ -497,8 +1002,12 @@ def extract(cfg: ExtractConfig) -> dict:
         exs: list[_Example] = []
         skipped = {"too_long": 0, "no_targets": 0}
         for r, (i, row) in enumerate(zip(sel, rows)):
-            text, ids, pos = rend.render(row)
-            if ids.shape[0] > cfg.max_length:
+            try:
+                text, ids, pos = rend.render(row)
+            except Exception as e:  # noqa: BLE001
+                raise ExtractError(f"--dataset {cfg.dataset}: row {rows_kept[i]} (key {keys[i]!r}): cannot render "
+                                   f"it ({type(e).__name__}: {str(e)[:300]}).") from e
+            if ids.shape[0] > max_len:
                 skipped["too_long"] += 1
                 continue
             if pos.size == 0:
@@ -509,7 +1018,7 @@ def extract(cfg: ExtractConfig) -> dict:
         lengths = np.array([e.ids.shape[0] for e in exs], dtype=np.int64)
         for bidx in _batches(lengths, cfg.token_budget):
             batch = [exs[i] for i in bidx.tolist()]
-            res = _run_batch(batch, body, weight, bias, softcap, Vt, ws_mask, cfg, device, chunk_bytes)
+            res = _run_batch(batch, body, head, Vt, ws_mask, cfg, device, chunk_bytes)
             for e, r in zip(batch, res):
                 out_rows[e.row] = encode_example(e.key, e.text, e.ids, e.positions, r["topk_ids"], r["codes"],
                                                  r["tail_mass"], r["target_logprob"], r["word_start_mass"], Vt,
@@ -518,7 +1027,11 @@ def extract(cfg: ExtractConfig) -> dict:
                 stats["tokens"] += int(e.ids.shape[0])
             bar.update(len(batch))
             dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix({"tok/s": f"{stats['tokens'] / dt:,.0f}"}, refresh=False)
+            post = {"tok/s": f"{stats['tokens'] / dt:,.0f}"}
+            n_skip = stats["too_long"] + skipped["too_long"]
+            if n_skip:
+                post[f">{max_len} tok skipped"] = n_skip
+            bar.set_postfix(post, refresh=False)
         bar.update(skipped["too_long"] + skipped["no_targets"])
         writer.write_shard(j, [out_rows[r] for r in sorted(out_rows)], skipped)
         stats["examples"] += len(out_rows)
@@ -526,13 +1039,10 @@ def extract(cfg: ExtractConfig) -> dict:
         stats["no_targets"] += skipped["no_targets"]
     bar.close()
     stats["seconds"] = time.perf_counter() - t0
-    stats["duplicates"] = n_dup
-    stats["empty"] = n_empty
-    man = writer.finish({k: stats[k] for k in ("duplicates", "empty")} if rank == 0 else None)
-    return {"manifest": man, "stats": stats, "rank": rank, "world": world}
+    return stats
 
 
-def _run_batch(batch, body, weight, bias, softcap, Vt, ws_mask, cfg, device, chunk_bytes):
+def _run_batch(batch, body, head: OutputLayer, Vt, ws_mask, cfg, device, chunk_bytes):
     import torch
 
     B = len(batch)
@@ -550,14 +1060,13 @@ def _run_batch(batch, body, weight, bias, softcap, Vt, ws_mask, cfg, device, chu
         uni = torch.as_tensor(np.concatenate([_uniforms(e.key, cfg.seed, c, cfg.sample_tail)
                                               for e, c in zip(batch, counts)]))
     with torch.inference_mode():
-        ids_t = torch.as_tensor(ids, device=device)
-        out = body(input_ids=ids_t, attention_mask=torch.as_tensor(att, device=device), use_cache=False)
-        hid = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+        hid = _body_hidden(body, torch.as_tensor(ids, device=device), torch.as_tensor(att, device=device))
         h = hid.reshape(B * T, -1)[torch.as_tensor(flat, device=device)]
-        del out, hid
-        r = teacher_targets(h, weight, torch.as_tensor(tgt), vocab_size=Vt, top_k=cfg.top_k, word_start=ws_mask,
-                            bias=bias, temperature=cfg.temperature, softcap=softcap, top_p=cfg.top_p,
-                            sample_tail=cfg.sample_tail, uniforms=uni, chunk_bytes=chunk_bytes)
+        del hid
+        r = teacher_targets(h, head.weight, torch.as_tensor(tgt), vocab_size=Vt, top_k=cfg.top_k, word_start=ws_mask,
+                            bias=head.bias, temperature=cfg.temperature, softcap=head.softcap,
+                            logit_scale=head.scale, top_p=cfg.top_p, sample_tail=cfg.sample_tail, uniforms=uni,
+                            chunk_bytes=chunk_bytes)
     lp = r["topk_logprobs"].numpy()
     codes = quantize_logprobs(np.where(np.isfinite(lp), lp, -np.inf))
     splits = np.cumsum(counts)[:-1]

@@ -27,45 +27,56 @@ def _shard(ctx, param, value):
               "command resumes; other settings need a new folder or --overwrite.")
 @click.option("--tokenizer", default=None, help="Tokenizer (folder, tokenizer.json, .model, Tekken .json, "
               "mistral-common:<file>); default: the model folder.")
-@click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets and save_to_disk "
-              "folders).")
+@click.option("--split", default="train", show_default=True, help="Dataset split: of a hub dataset, a save_to_disk "
+              "DatasetDict, or a folder of files named by split like `datasets` does (train/training, "
+              "validation/valid/dev/val, test/testing/eval/evaluation in file or folder names; a folder without "
+              "such names is all 'train'). A single file is the whole dataset and ignores --split.")
 @click.option("--text-column", default=None, help="Column with plain text (default: 'text').")
 @click.option("--messages-column", default=None, help="Column with chat messages [{role, content}] (default: "
               "'messages' when present; 'user'+'assistant' columns also work).")
 @click.option("--key-column", default=None, help="Column with the example key (default: 'id' or 'key' when present, "
               "else sha256 of the row's content).")
 @click.option("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's own, else a "
-              "built-in one).")
+              "built-in one). Chat datasets only: refused for a plain-text dataset.")
 @click.option("--targets", type=click.Choice(["auto", "assistant", "all"]), default="auto", show_default=True,
               help="Positions that get teacher targets: assistant tokens only (chats), every token, or auto "
               "(assistant for chats, all for text).")
 @click.option("--add-bos/--no-add-bos", default=None, help="Text datasets: prepend the BOS token (default: when the "
               "tokenizer has one).")
-@click.option("--max-length", default=4096, show_default=True, help="Examples longer than this many tokens are "
-              "skipped and counted.")
-@click.option("--limit", default=None, type=int, help="Use only the first N dataset rows.")
-@click.option("--top-k", "-k", default=32, show_default=True, help="Teacher log-probs stored per position.")
-@click.option("--top-p", default=None, type=float, help="Nucleus cap: keep the smallest prefix of the top-k with "
-              "mass >= p (k is the maximum).")
-@click.option("--sample-tail", default=0, show_default=True, help="Also store m tail token ids drawn with replacement "
-              "from the teacher's distribution beyond the top-k (each stands for tail_mass/m).")
-@click.option("--temperature", default=1.0, show_default=True, help="Divide the teacher's logits by this first.")
+@click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=2), help="Examples longer "
+              "than this many tokens are skipped and counted; capped at the model's own limit "
+              "(max_position_embeddings / n_positions).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N dataset rows.")
+@click.option("--top-k", "-k", default=32, show_default=True, type=click.IntRange(1, 65535),
+              help="Teacher log-probs stored per position.")
+@click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus cap: keep the "
+              "smallest prefix of the top-k with mass >= p (k is the maximum).")
+@click.option("--sample-tail", default=0, show_default=True, type=click.IntRange(min=0), help="Also store m tail "
+              "token ids drawn with replacement from the teacher's distribution beyond the top-k (each stands for "
+              "tail_mass/m).")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Divide the teacher's logits by this first (after the model's own logit scaling/softcap).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Model weights dtype (auto: the checkpoint's on CUDA, float32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, cuda:LOCAL_RANK under "
               "torchrun), cpu, cuda, cuda:1...")
-@click.option("--token-budget", default=16384, show_default=True, help="Padded tokens per batch (length-sorted "
-              "batching).")
-@click.option("--shard-size", default=1024, show_default=True, help="Examples per shard file (unit of resume).")
-@click.option("--chunk-mb", default=256, show_default=True, help="Device memory for one chunk of output-layer logits.")
+@click.option("--token-budget", default=16384, show_default=True, type=click.IntRange(min=1), help="Padded tokens "
+              "per batch (length-sorted batching).")
+@click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Examples per shard "
+              "file (unit of resume).")
+@click.option("--chunk-mb", default=256, show_default=True, type=click.IntRange(min=1), help="Device memory for one "
+              "chunk of output-layer logits.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the sampled tail (per example, reproducible).")
 @click.option("--shard", "shard", default=None, callback=_shard, help="i/N: process only this rank's part "
               "(default: RANK/WORLD_SIZE under torchrun, else 0/1). Every rank writes its own shards; the last one "
               "to finish merges the manifest.")
 @click.option("--skip-empty", is_flag=True, help="Skip (and count) rows with empty text instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with different settings at --output.")
-@click.option("--max-vocab-padding", default=4096, show_default=True, help="Largest accepted excess of model output "
-              "rows over the tokenizer's vocabulary (padded embeddings; those ids are excluded).")
+@click.option("--max-vocab-padding", default=4096, show_default=True, type=click.IntRange(min=0), help="Largest "
+              "accepted excess of model output rows over the tokenizer's vocabulary (padded embeddings; those ids "
+              "are excluded).")
+@click.option("--force-tokenizer", is_flag=True, help="Accept a --tokenizer that differs from the tokenizer in the "
+              "model folder (refused by default: the ids would stand for other tokens).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_cmd(**kw):
     """Run a teacher model over a dataset and store, per target position, its top-k log-probs
@@ -83,12 +94,18 @@ def extract_cmd(**kw):
     try:
         res = extract(cfg)
     except (ExtractError, StoreError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. the disk filled up while writing a shard
+        raise click.ClickException(f"--output {cfg.output}: {type(e).__name__}: {e}") from None
     st = res["stats"]
     man = res["manifest"]
     msg = {"rank": res["rank"], "world": res["world"], "new_examples": st["examples"], "positions": st["positions"],
            "tokens": st["tokens"], "skipped_too_long": st["too_long"], "skipped_no_targets": st["no_targets"],
-           "duplicates": st["duplicates"], "empty": st["empty"], "seconds": round(st["seconds"], 2)}
+           "duplicates": st["duplicates"], "empty": st["empty"], "seconds": round(st["seconds"], 2),
+           "max_length": st["max_length"]}
+    if st["max_length_capped"]:
+        msg["max_length_note"] = (f"--max-length {cfg.max_length} capped at the model's {st['model_max_length']} "
+                                  "positions; longer examples are skipped (skipped_too_long)")
     if man is not None:
         msg["store_examples"] = man["n_examples"]
         msg["complete"] = True
