@@ -19,14 +19,20 @@ TEXT = (
     + inspect.getsource(textwrap.dedent)
 )
 
-HF_ASSETS = ["gpt2", "llama2", "llama3", "qwen3", "deepseek-v4", "mistral"]
+HF_ASSETS = ["gpt2", "llama2", "llama3", "qwen3", "deepseek-v4", "mistral", "gemma3"]
 EXACT_KINDS = {"byte_level", "tekken", "sentencepiece"}  # reproduce the text byte for byte
 
 
 def _hf_backend(path):
+    """The `tokenizers` library's own tokenizer for an asset folder (tokenizer.json or tokenizer.json.xz)."""
+    import lzma
+
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    with lzma.open(path / "tokenizer.json.xz", "rt", encoding="utf-8") as f:  # gemma3 (SOURCES.md)
+        return Tokenizer.from_str(f.read())
 
 
 @pytest.mark.parametrize("name", HF_ASSETS)
@@ -46,6 +52,38 @@ def test_hf_token_bytes_equal_library_decode(name):
             got == (" " + hf.decode(ids.tolist(), skip_special_tokens=True)).encode("utf-8"))
         if not text.startswith(" "):  # (SentencePiece may drop a leading space of the text itself)
             assert got == text.encode("utf-8"), name  # none of these normalise this text
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "gpt2", "llama2", "mistral"])
+def test_parse_special_false_encodes_special_strings_as_text(name):
+    """encode(parse_special=False): special-token strings in the text are text (as the SentencePiece
+    and Tekken backends do); the shared tokenizer still parses them for everyone else."""
+    tok = load_tokenizer(asset(f"tokenizers/{name}"))
+    specials = sorted(tok.special_tokens)[:12]
+    assert specials
+    text = "hi " + " x".join(specials) + specials[0] + "tail\n" + specials[-1]
+    lit = tok.encode(text, parse_special=False)
+    assert not tok.token_bytes.is_special[lit].any(), [tok.token_str(int(i)) for i in lit]
+    got = tok.token_bytes.concat(lit)
+    assert got == (b" " if tok.prefix_space else b"") + text.encode()
+    parsed = tok.encode(text)  # default: parsed, also after the literal encode
+    assert tok.special_tokens[specials[0]] in parsed.tolist()
+    assert not tok._backend.tok.encode_special_tokens  # the shared tokenizer was not switched
+    if (asset(f"tokenizers/{name}") / "tokenizer.model").exists():  # sentencepiece never parses control text
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(asset(f"tokenizers/{name}/tokenizer.model")))
+        assert lit.tolist() == sp.encode(text)
+    # both modes from several threads at once give the single-threaded answers
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda k: tok.encode(text, parse_special=bool(k % 2)).tolist(), range(16)))
+    assert all(o == (parsed.tolist() if k % 2 else lit.tolist()) for k, o in enumerate(outs))
+    if name == "gpt2":  # (small: pickling re-serialises the whole tokenizer)
+        t2 = pickle.loads(pickle.dumps(tok))
+        assert t2.encode(text, parse_special=False).tolist() == lit.tolist()
+        assert t2.encode(text).tolist() == parsed.tolist()
 
 
 def test_sentencepiece_bytes_equal_library_decode(spm_tok):
@@ -101,25 +139,42 @@ def test_edge_cases_match_reference_ids(name):
         want = [int(x) for x in line.split()]
         ids = tok.encode(text).tolist()
         n_ok += ids == want
-        if ids == want and tok.kind != "wordpiece":
-            got = tok.token_bytes.concat(ids)
-            assert got[1:] == text.encode() if (tok.prefix_space and got[:1] == b" " and not text.startswith(" ")) \
-                else got == text.encode() or tok.prefix_space, (name, text)
+        if tok.kind != "wordpiece":  # (WordPiece normalises: see test_wordpiece_bytes_equal_library_decode)
+            # exactly the text, with one extra leading space for prefix-space tokenizers (none here normalises)
+            want_b = (b" " if tok.prefix_space and text else b"") + text.encode()
+            assert tok.token_bytes.concat(ids) == want_b, (name, text)
     # SOURCES.md: this llama3 file has "ignore_merges": false and misses one case (45/46)
     assert n_ok >= len(inp) - (1 if name == "llama3" else 0), (name, n_ok)
 
 
-def test_wordpiece_bytes_follow_bert_pre_tokenization():
+def test_wordpiece_bytes_equal_library_decode():
+    """WordPiece token bytes follow the decoder (``##`` continuations, cleanup of " ." " ," " !" " ?"):
+    concat(bytes) is the tokenizer's own decode, on normal text and for every single token."""
     p = asset("tokenizers/bert-minilm")
     tok = load_tokenizer(p)
     hf = _hf_backend(p)
     assert tok.kind == "wordpiece" and tok.prefix_space
-    text = "Hello, World! The quick brown fox's 3.14 naïve café"
-    ids = tok.encode(text)
-    words = [w for w, _ in hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(text))]
-    assert tok.token_bytes.concat(ids) == ("".join(" " + w for w in words)).encode("utf-8")
-    unk = tok.encode("\u2603\u0f0f")  # unknown chars -> [UNK]: special, no bytes
-    assert all(tok.token_bytes.is_special[i] for i in unk if tok.token_bytes.lengths[i] == 0)
+    texts = [TEXT, "Hello, World! The quick brown fox's 3.14 naïve café... Really?! Yes. (a, b) [c]; d: e",
+             "x", "a . b , c ! d ? e", asset("corpora/tinyshakespeare.txt").read_text(encoding="utf-8")[:20000],
+             asset("corpora/multilingual/de_stanford_wikipedia.txt").read_text(encoding="utf-8"),
+             "\u2603 snowman \u0f0f unknown"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids.tolist() == hf.encode(text, add_special_tokens=False).ids
+        got = tok.token_bytes.concat(ids)
+        assert got[:1] == b" "  # the word-start space of the first token, which the decoder omits
+        assert got[1:] == hf.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"), text[:60]
+    # every vocabulary token after a word: the decoder's output for [word, token] is word + token bytes
+    vocab = [i for i in range(tok.vocab_size) if not tok.token_bytes.is_special[i]]
+    word = hf.token_to_id("word")
+    dec = hf.decode_batch([[word, i] for i in vocab], skip_special_tokens=False)
+    bad = [(hf.id_to_token(i), d) for i, d in zip(vocab, dec)
+           if ("word" + tok.token_bytes.get(i).decode("utf-8")) != d]
+    assert not bad, bad[:10]
+    # glued punctuation has no word-start space; [UNK] is special with no bytes
+    comma, unk = hf.token_to_id(","), hf.token_to_id("[UNK]")
+    assert tok.token_bytes.get(comma) == b"," and not tok.token_bytes.word_start[comma]
+    assert unk in tok.encode("\u2603").tolist() and tok.token_bytes.is_special[unk] and tok.token_bytes.get(unk) == b""
 
 
 def test_gpt2_byte_map_is_a_bijection():
@@ -148,10 +203,59 @@ def test_same_vocabulary_same_hash_and_pickle(spm_tok):
     assert t2.encode(TEXT).tolist() == spm_tok.encode(TEXT).tolist() and t2.content_hash == spm_tok.content_hash
 
 
+def test_same_vocabulary_other_merges_other_hash(tmp_path):
+    """SOURCES.md: this llama3 tokenizer.json has "ignore_merges": false; with true it encodes some
+    words differently (same vocabulary, same token bytes). The content hash must tell them apart."""
+    src = asset("tokenizers/llama3/tokenizer.json")
+    spec = json.loads(src.read_text(encoding="utf-8"))
+    assert spec["model"]["ignore_merges"] is False
+    spec["model"]["ignore_merges"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    a, b = load_tokenizer(src), load_tokenizer(tmp_path / "tokenizer.json")
+    assert a.token_bytes.sha256() == b.token_bytes.sha256()  # identical vocabulary table
+    assert a.encode("Cửa Việt").tolist() != b.encode("Cửa Việt").tolist()  # but not the same tokenizer
+    assert a.content_hash != b.content_hash
+    # and the hash is a function of the behaviour: an unchanged copy of the file hashes the same
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "tokenizer.json").write_bytes(src.read_bytes())
+    assert load_tokenizer(tmp_path / "same").content_hash == a.content_hash
+
+
+def test_tokenizer_that_cannot_encode_the_probe_still_loads(tmp_path):
+    """A Unigram vocabulary without an unk token raises on characters it lacks (the hash probe has
+    many): it must still load, with a hash that is a function of what it does encode."""
+    from tokenizers import Tokenizer, models
+
+    hf = Tokenizer(models.Unigram([("a", -1.0), ("b", -2.0), ("ab", -1.5), (" ", -3.0)], None, False))
+    with pytest.raises(Exception, match="unk"):
+        hf.encode("z")
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        hf.save(str(tmp_path / d / "tokenizer.json"))
+    a, b = load_tokenizer(tmp_path / "one"), load_tokenizer(tmp_path / "two")
+    assert a.encode("ab a").tolist() == hf.encode("ab a").ids
+    assert len(a.content_hash) == 64 and a.content_hash == b.content_hash
+
+
+def test_content_hash_depends_on_probe_ids(spm_tok):
+    """A reference recomputation: sha256 over the table hash and the probe ids (tokens.py module doc)."""
+    import hashlib
+
+    from xtok.tokens import HASH_PROBE_TEXT
+
+    ids = spm_tok.encode(HASH_PROBE_TEXT, parse_special=False)
+    assert spm_tok.token_bytes.concat(ids) == b" " + HASH_PROBE_TEXT.encode()  # the probe is plain text
+    h = hashlib.sha256(b"xtok-tokenizer-v2\0" + bytes.fromhex(spm_tok.token_bytes.sha256())
+                       + len(ids).to_bytes(8, "little") + b"".join(int(i).to_bytes(8, "little") for i in ids))
+    assert spm_tok.content_hash == h.hexdigest()
+
+
 def test_encode_with_offsets_spans_hold_token_bytes(spm_tok, tekken_tok):
-    text = "<s>[INST] Café 日本 👍🏽 12345 [/INST] ok</s>"
+    text = "<s>[INST] Café 日本 👍🏽 ☕ 12345 [/INST] ok</s>"
     tb_text = text.encode()
-    for tok in (spm_tok, tekken_tok):
+    # (llama2's tokenizer.json: byte-fallback pieces of one character share its HF char offsets)
+    hf = [load_tokenizer(asset(f"tokenizers/{n}")) for n in ("llama2", "qwen3")]
+    for tok in (spm_tok, tekken_tok, *hf):
         ids, off = tok.encode_with_offsets(text)
         assert np.array_equal(ids, tok.encode(text))
         assert np.all(off[:, 1] >= off[:, 0]) and np.all(np.diff(off[:, 0]) >= 0)

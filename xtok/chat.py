@@ -2,16 +2,34 @@
 tokens are assistant content.
 
 `render_chat` renders with the template (the tokenizer's own, a given jinja string or file, or a
-built-in default for tokenizers that ship none), tokenises the result with the tokenizer, and
-marks assistant tokens. The mask comes from the rendered text itself: each assistant message's
-content is located in the rendered string (sentinel markers wrap it during rendering and are
-removed afterwards), so it works for any template, with or without `{% generation %}` markers.
-The end-of-turn special token right after an assistant message is part of the mask (the model
-must learn to stop).
+built-in default for tokenizers that ship none; `chat_template_source` says which source that is),
+tokenises the result with the tokenizer, and marks assistant tokens.
+
+The text is exactly what a plain jinja render of the template gives for the real messages (the
+HF `apply_chat_template` conventions: `trim_blocks`, `lstrip_blocks`, `raise_exception`,
+`strftime_now`, `bos_token`/`eos_token`). The assistant mask is found from extra renders in which
+each assistant message's content carries invisible private-use markers (U+F0000..U+10FFFD), and is
+accepted only when those renders, markers removed, equal the real text character for character:
+1. markers around the whole content: exact spans, whitespace included, for templates that emit the
+   content as it is;
+2. otherwise markers around each word (whitespace runs and tags such as `<think>`/`</think>` or the
+   tokenizer's special-token strings stay unmarked, so `.strip()`, `| trim`, `.lstrip('\n')` and
+   `.split('</think>')` act on the marked content as on the real one): the span runs from the first
+   to the last emitted word, widened over the content's own leading/trailing tags when the text has
+   them there (Qwen3's last turn `<think>\nR\n</think>\n\nA` is masked from `<think>`; its
+   historical turns, whose reasoning the template drops, from `A`). A message of which no word is
+   emitted (a template that drops it) gets no span.
+A template for which neither works (e.g. one that JSON-escapes, truncates or repeats the content) is
+a ChatFormatError naming the message. The end-of-turn special token that closes an assistant span is
+part of the mask (the model must learn to stop), together with the whitespace-only tokens a template
+puts between the content and that token (Llama-2's `' ' + content.strip() + ' ' + eos_token`).
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +39,13 @@ import numpy as np
 
 from .tokens import Tokenizer
 
-__all__ = ["RenderedChat", "render_chat", "load_template", "ChatFormatError", "DEFAULT_TEMPLATES"]
+__all__ = ["RenderedChat", "render_chat", "load_template", "chat_template_source", "default_template",
+           "ChatFormatError", "DEFAULT_TEMPLATES"]
 
-_OPEN, _CLOSE = "\ue000xtok-a\ue001", "\ue000/xtok-a\ue001"  # private-use sentinels
+# Markers (supplementary private-use planes): message k opens with chr(_MK + 2k) and closes with
+# chr(_MK + 2k + 1) (plane 15); a word marker carries the word's index j as chr(_WI + j) (plane 16).
+_MK, _WI, _MAX_MSG, _MAX_WORDS = 0xF0000, 0x100000, 0x7FFE, 0xFFFD
+_MARKER_RE = re.compile("[\U000F0000-\U0010FFFF]")
 
 DEFAULT_TEMPLATES = {
     # Mistral-style: used for tokenizers that know [INST] but ship no template (Tekken, .model files)
@@ -66,22 +88,44 @@ def load_template(template: str | Path | None) -> str | None:
     p = Path(str(template))
     if len(str(template)) < 4096 and p.suffix in (".jinja", ".j2", ".txt", ".json") and p.exists():
         if p.suffix == ".json":
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-            if "chat_template" not in cfg:
+            try:
+                cfg = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ChatFormatError(f"{p}: not valid JSON ({e}); expected a tokenizer_config.json.") from e
+            if not isinstance(cfg, dict) or "chat_template" not in cfg:
                 raise ChatFormatError(f"{p}: no 'chat_template' field.")
-            return cfg["chat_template"]
-        return p.read_text(encoding="utf-8")
+            src = cfg["chat_template"]
+            if isinstance(src, list):  # named templates: the default one
+                src = next((c.get("template") for c in src if isinstance(c, dict) and c.get("name") == "default"),
+                           src[0].get("template") if src and isinstance(src[0], dict) else None)
+            if not isinstance(src, str) or not src.strip():
+                raise ChatFormatError(f"{p}: field 'chat_template' is empty; put the jinja template there, "
+                                      "or drop the template option to use the tokenizer's own.")
+            return src
+        src = p.read_text(encoding="utf-8")
+        if not src.strip():
+            raise ChatFormatError(f"{p}: the template file is empty; write the jinja template into it, or drop "
+                                  "the template option to use the tokenizer's own (or the built-in default).")
+        return src
     if ("{{" in str(template)) or ("{%" in str(template)):
         return str(template)
     raise ChatFormatError(f"{template}: not a template file that exists, nor jinja template text.")
 
 
 def default_template(tok: Tokenizer) -> str:
+    """The built-in template for a tokenizer that ships none (one of DEFAULT_TEMPLATES, by its specials)."""
     if "<|im_start|>" in tok.special_tokens:
         return DEFAULT_TEMPLATES["chatml"]
     if "[INST]" in tok.special_tokens:
         return DEFAULT_TEMPLATES["inst"]
     return DEFAULT_TEMPLATES["plain"]
+
+
+def chat_template_source(tok: Tokenizer, template: str | Path | None = None) -> str:
+    """The jinja source `render_chat(tok, ..., template=template)` renders with: `template` (jinja
+    text or a file, see load_template), else the tokenizer's own chat template, else the built-in
+    default for it. Stable for a given tokenizer and template, so it can be hashed into manifests."""
+    return load_template(template) or tok.chat_template or default_template(tok)
 
 
 def _compile(source: str):
@@ -123,12 +167,7 @@ def _validate(messages) -> list[dict]:
     return out
 
 
-def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path | None = None,
-                add_generation_prompt: bool = False) -> RenderedChat:
-    """Render `messages` with `template` (default: the tokenizer's own, else a built-in one),
-    tokenise, and mark assistant tokens."""
-    msgs = _validate(messages)
-    source = load_template(template) or tok.chat_template or default_template(tok)
+def _compiled(source: str):
     tpl = _COMPILED.get(source)
     if tpl is None:
         try:
@@ -136,55 +175,235 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path |
         except Exception as e:  # noqa: BLE001
             raise ChatFormatError(f"chat template does not compile: {e}") from e
         _COMPILED[source] = tpl
-    marked = [dict(m, content=_OPEN + m["content"] + _CLOSE) if m["role"] == "assistant" else m for m in msgs]
+    return tpl
+
+
+_TAG = r"<[^\s<>]{1,64}>|\[/?[A-Z_]{1,32}\]"  # <think>, </tool_call>, <|im_end|>, <s>, [INST], [/THINK]
+
+
+def _word_re(tok: Tokenizer) -> re.Pattern:
+    """What stays unmarked in word-marker renders: whitespace runs, tags (<think>, </tool_call>,
+    <|im_end|>, [THINK]) and the tokenizer's other special-token strings, which templates test for
+    and split on."""
+    rx = _WORD_RE.get(tok)
+    if rx is None:
+        tag = re.compile(_TAG)
+        odd = (s for s in tok.special_tokens if s and not s.isspace() and not tag.fullmatch(s))
+        rx = _WORD_RE[tok] = _word_re_for(tuple(sorted(odd, key=len, reverse=True)))
+    return rx
+
+
+_WORD_RE: "weakref.WeakKeyDictionary[Tokenizer, re.Pattern]" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _word_re_for(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join([re.escape(s) for s in specials] + [_TAG, r"\s+"]))
+
+
+def _words(rx: re.Pattern, content: str) -> list[tuple[int, int]]:
+    """[start, end) char spans of the marked words: the gaps between whitespace/tag matches."""
+    out, pos = [], 0
+    for m in rx.finditer(content):
+        if m.start() > pos:
+            out.append((pos, m.start()))
+        pos = max(pos, m.end())
+    if pos < len(content):
+        out.append((pos, len(content)))
+    return out
+
+
+def _markers(rendered: str):
+    """(clean text, marker code points, their char positions in the clean text)."""
+    cps = np.frombuffer(rendered.encode("utf-32-le"), dtype=np.uint32)
+    is_m = cps >= _MK
+    idx = np.nonzero(is_m)[0]
+    clean = cps[~is_m].tobytes().decode("utf-32-le") if idx.size else rendered
+    return clean, cps[idx].astype(np.int64), idx - np.arange(idx.size)
+
+
+def _spans_whole(vals, pos, asst: list[int]) -> dict[int, tuple[int, int]] | None:
+    """Strategy 1: each assistant message's open/close markers once each, adjacent, in order."""
+    if vals.size != 2 * len(asst) or vals.size == 0:
+        return None
+    op, cl = vals[0::2], vals[1::2]
+    if np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(cl != op + 1):
+        return None
+    ks = ((op - _MK) // 2).tolist()
+    if sorted(ks) != sorted(asst) or len(set(ks)) != len(ks):
+        return None
+    return {k: (int(pos[2 * i]), int(pos[2 * i + 1])) for i, k in enumerate(ks)}
+
+
+def _spans_words(vals, pos, words: dict[int, list], contents: dict[int, str], text: str):
+    """Strategy 2: (open, index, close) word triples; per message the emitted words' indices strictly
+    increase; the span runs from the first to the last emitted word, widened over leading/trailing
+    tags of the content that the text has right there (whitespace-insensitively)."""
+    if vals.size % 3:
+        return None
+    op, wi, cl = vals[0::3], vals[1::3], vals[2::3]
+    if (np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(wi < _WI) or np.any(cl != op + 1)
+            or np.any(pos[1::3] != pos[0::3])):
+        return None
+    ks, js = (op - _MK) // 2, wi - _WI
+    starts, ends = pos[0::3], pos[2::3]
+    out = {}
+    for k in np.unique(ks).tolist():
+        sel = np.nonzero(ks == k)[0]
+        j = js[sel]
+        if k not in words or np.any(np.diff(j) <= 0) or j[-1] >= len(words[k]):
+            return None
+        s, e = int(starts[sel[0]]), int(ends[sel[-1]])
+        c = contents[k]
+        s = _widen(text, s, c[:words[k][int(j[0])][0]], -1)
+        e = _widen(text, e, c[words[k][int(j[-1])][1]:], +1)
+        out[k] = (s, e)
+    return out
+
+
+def _widen(text: str, at: int, part: str, direction: int) -> int:
+    """Move `at` over `part` (content text before/after the emitted words: tags, whitespace) when
+    `text` has part's non-whitespace characters right there, whitespace aside; else stay."""
+    need = "".join(part.split())
+    if not need:
+        return at
+    if direction < 0:
+        i, n = at, len(need)
+        while n > 0:
+            i -= 1
+            if i < 0:
+                return at
+            ch = text[i]
+            if ch.isspace():
+                continue
+            if ch != need[n - 1]:
+                return at
+            n -= 1
+        return i
+    i, n = at, 0
+    while n < len(need):
+        if i >= len(text):
+            return at
+        ch = text[i]
+        i += 1
+        if ch.isspace():
+            continue
+        if ch != need[n]:
+            return at
+        n += 1
+    return i
+
+
+def _locate_assistant(tok: Tokenizer, render, msgs: list[dict], text: str) -> list[tuple[int, int]]:
+    """Char spans [start, end) of each emitted assistant message's content in `text`, in order."""
+    asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if not asst:
+        return []
+    if len(msgs) > _MAX_MSG:
+        raise ChatFormatError(f"messages: {len(msgs)} messages; at most {_MAX_MSG} can have their assistant "
+                              "content located.")
+    for i, m in enumerate(msgs):
+        if _MARKER_RE.search(m["content"]):
+            raise ChatFormatError(f"messages[{i}].content: contains supplementary private-use characters "
+                                  "(U+F0000..U+10FFFF), which xtok uses as invisible markers; remove them.")
+
+    def attempt(marked):
+        try:
+            out = render(marked)
+        except Exception:  # noqa: BLE001  (the template refuses the marked content: try the next way)
+            return None
+        clean, vals, pos = _markers(out)
+        return (vals, pos) if clean == text else None
+
+    # 1. whole-content markers
+    got = attempt([dict(m, content=chr(_MK + 2 * i) + m["content"] + chr(_MK + 2 * i + 1))
+                   if m["role"] == "assistant" else m for i, m in enumerate(msgs)])
+    spans = _spans_whole(*got, asst) if got is not None else None
+    if spans is None:
+        # 2. word markers
+        rx = _word_re(tok)
+        words, contents, marked = {}, {}, []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                marked.append(m)
+                continue
+            c = m["content"]
+            w = _words(rx, c)
+            if len(w) > _MAX_WORDS:
+                raise ChatFormatError(f"messages[{i}].content: {len(w)} words; at most {_MAX_WORDS} can be located.")
+            words[i], contents[i] = w, c
+            o, cl = chr(_MK + 2 * i), chr(_MK + 2 * i + 1)
+            parts, pos = [], 0
+            for j, (a, b) in enumerate(w):
+                parts += [c[pos:a], o, chr(_WI + j), c[a:b], cl]
+                pos = b
+            parts.append(c[pos:])
+            marked.append(dict(m, content="".join(parts)))
+        got = attempt(marked)
+        spans = _spans_words(*got, words, contents, text) if got is not None else None
+    if spans is None:
+        bad = next((i for i in asst if msgs[i]["content"].strip()), asst[0])
+        raise ChatFormatError(
+            f"messages[{bad}]: cannot locate the assistant content in the text the chat template renders "
+            "(the template transforms it in a way other than stripping whitespace or splitting on tags, e.g. "
+            "JSON-escaping, truncating or repeating it), so no assistant mask can be made. Use another "
+            "template (--chat-template) or --targets all.")
+    out = sorted(spans.values())
+    for (a0, b0), (a1, b1) in zip(out, out[1:]):
+        if a1 < b0:
+            raise ChatFormatError("chat template interleaves two assistant messages; cannot tell their tokens apart.")
+    return [(a, b) for a, b in out if b > a]
+
+
+def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path | None = None,
+                add_generation_prompt: bool = False) -> RenderedChat:
+    """Render `messages` with `template` (default: the tokenizer's own, else a built-in one),
+    tokenise, and mark assistant tokens."""
+    msgs = _validate(messages)
+    tpl = _compiled(chat_template_source(tok, template))
 
     def name(i):
         return None if i is None else tok.token_str(i)
 
+    now = datetime.now()
+    ctx = dict(add_generation_prompt=add_generation_prompt, bos_token=name(tok.bos_id) or "",
+               eos_token=name(tok.eos_id) or "", tools=None, documents=None,
+               strftime_now=lambda fmt: now.strftime(fmt))
+
+    def render(ms):
+        return tpl.render(messages=ms, **ctx)
+
     try:
-        raw = tpl.render(messages=marked, add_generation_prompt=add_generation_prompt, bos_token=name(tok.bos_id) or "",
-                         eos_token=name(tok.eos_id) or "", tools=None, date_string=datetime.now().strftime("%d %b %Y"))
+        text = render(msgs)
     except ChatFormatError:
         raise
     except Exception as e:  # noqa: BLE001
         raise ChatFormatError(f"chat template failed to render these messages: {e}") from e
-
-    # strip sentinels, remembering assistant byte spans in the clean text
-    spans: list[tuple[int, int]] = []
-    parts: list[str] = []
-    nbytes = 0
-    rest = raw
-    while True:
-        a = rest.find(_OPEN)
-        if a < 0:
-            parts.append(rest)
-            break
-        b = rest.find(_CLOSE, a)
-        if b < 0:
-            raise ChatFormatError("chat template duplicated or cut an assistant message; cannot locate its content.")
-        head, body = rest[:a], rest[a + len(_OPEN):b]
-        parts += [head, body]
-        nbytes += len(head.encode("utf-8"))
-        spans.append((nbytes, nbytes + len(body.encode("utf-8"))))
-        nbytes += len(body.encode("utf-8"))
-        rest = rest[b + len(_CLOSE):]
-    text = "".join(parts)
-    if _OPEN in text or _CLOSE in text:
-        raise ChatFormatError("chat template nests assistant content; cannot locate it.")
+    cspans = _locate_assistant(tok, render, msgs, text)
 
     ids, off = tok.encode_with_offsets(text)
     mask = np.zeros(len(ids), dtype=bool)
-    if spans:
-        sp = np.asarray(spans, dtype=np.int64)
+    if cspans:
+        # char -> byte offsets in text.encode()
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        c2b = np.zeros(cps.size + 1, dtype=np.int64)
+        np.cumsum(1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000), out=c2b[1:])
+        sp = c2b[np.asarray(cspans, dtype=np.int64)]
         # token i overlaps span j  <=>  off_start < span_end and off_end > span_start
         j = np.searchsorted(sp[:, 1], off[:, 0], side="right")  # first span ending after token start
         ok = j < len(sp)
         jj = np.minimum(j, len(sp) - 1)
         mask = ok & (off[:, 1] > sp[jj, 0]) & (off[:, 1] > off[:, 0])
-        # the closing end-of-turn special token right after each assistant span
+        # the end-of-turn special token closing each assistant span (after whitespace-only tokens)
         is_sp = tok.token_bytes.is_special[ids]
+        text_b = text.encode("utf-8")
         nxt = np.searchsorted(off[:, 0], sp[:, 1], side="left")
-        for k in nxt[(nxt < len(ids))]:
-            if is_sp[k] and (int(ids[k]) != tok.bos_id or int(ids[k]) == tok.eos_id):
+        for k in nxt.tolist():
+            gap = []
+            while k < len(ids) and not is_sp[k] and not text_b[off[k, 0]:off[k, 1]].strip():
+                gap.append(k)
+                k += 1
+            if k < len(ids) and is_sp[k] and (int(ids[k]) != tok.bos_id or int(ids[k]) == tok.eos_id):
                 mask[k] = True
+                mask[gap] = True
     return RenderedChat(text=text, ids=ids, assistant_mask=mask, offsets=off)

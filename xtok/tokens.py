@@ -10,13 +10,37 @@ Byte conventions handled here:
 - byte-level BPE (GPT-2 / Llama-3 / Qwen / DeepSeek): token strings use the GPT-2 byte->unicode map;
 - SentencePiece / metaspace (Llama-2 / Mistral / Gemma): `▁` is a space, `<0xNN>` pieces are raw bytes
   (byte fallback; several of them may form one UTF-8 character);
-- WordPiece (BERT): `##x` continues a word (bytes `x`), any other piece starts a word (bytes ` x`);
+- WordPiece (BERT): `##x` continues a word (bytes `x`), any other piece starts a word (bytes ` x`),
+  then the WordPiece decoder's `cleanup` (when the tokenizer.json enables it) is applied to each piece
+  exactly as the `tokenizers` decoder applies it to each token: `.` `,` `!` `?` (and pieces such as
+  `...`) lose the space that would start a new word, so `hello, world!` has bytes ` hello` `,` ` world`
+  `!` and concatenates to what the tokenizer's own decode gives. What per-token bytes cannot follow:
+  the decoder adds no space before the first token of a sequence (our bytes keep it: `prefix_space`)
+  and keeps `##` on a sequence-initial continuation; the cleanup's apostrophe rules (`" ' "` -> `'`,
+  `" n't"`, `" 's"`, `" do not"` -> `" don't"`, ...) need the neighbouring token, which the `tokenizers`
+  decoder does not look at either (it decodes `don't` as `don ' t`, and so do our bytes), while
+  transformers' `clean_up_tokenization_spaces` applies them to the whole decoded string (`don't`):
+  that string-level step is not reproduced. The BERT normaliser (lower-casing, accent stripping, spaces
+  around CJK characters) also means the bytes spell the normalised text, not the input.
 - Tekken: the vocabulary stores raw bytes directly.
 Special / control tokens are flagged `is_special` and have no bytes.
 
+`Tokenizer.content_hash` identifies a tokenizer by what it does, not by its file format: the sha256 of
+the token-bytes table, the special flags and the ids the tokenizer gives for a fixed probe text
+(`HASH_PROBE_TEXT`: English, code with indentation, digit runs, whitespace runs, CJK, emoji, combining
+marks, words some BPE merge lists cannot reach). The same vocabulary in two formats (a tokenizer.json
+and the SentencePiece .model it was converted from) shares a hash; the same vocabulary with different
+merges, pre-tokenizer or normaliser (e.g. Llama-3's `"ignore_merges": false` vs `true`) gets a
+different one, so W files and stores built for one are refused for the other.
+
 `Tokenizer.prefix_space` says whether encoding a text adds a leading space (SentencePiece's dummy
 prefix, WordPiece's word-start convention): concatenating the token bytes of `encode(text)` gives
-`text` (for tokenizers that do not normalise) with one extra leading space exactly when it is True.
+`text` (for tokenizers that do not normalise) with one extra leading space exactly when it is True
+(WordPiece: unless the text starts with glued punctuation such as `,`).
+
+`encode(text, parse_special=False)` encodes special-token strings in the text (`<|im_start|>`, `<s>`)
+as the plain text they are, for every backend (Hugging Face: a private copy of the tokenizer with
+`encode_special_tokens = True`, so the shared one is never switched).
 """
 from __future__ import annotations
 
@@ -34,6 +58,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "HASH_PROBE_TEXT",
     "TokenBytes",
     "Tokenizer",
     "TokenizerLoadError",
@@ -66,6 +91,20 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+# The fixed text whose ids are part of `Tokenizer.content_hash` (changing it changes every hash).
+# No special-token strings: formats legitimately differ on whether literal "<s>" in text is a token.
+HASH_PROBE_TEXT = (
+    "Hello world! The quick brown fox jumps over the lazy dog. It's 3:45 p.m., isn't it? I'd've said \"no\".\n"
+    "    def f(x, y=2):\n\treturn {'a': [x ** y, -1.5e-3]}  # comment\n\n\n"
+    "class A:\n    pass\n\n        deeply_indented = True\n"
+    "0 7 42 123 4567 89012 3141592653589793 1,000,000.00 $19.99 2024-11-24 10^6 0x1F 1e-9\n"
+    "   leading and trailing spaces   \n\t\ttabs\t \r\nCRLF\r\n \n  \n"
+    "日本語のテキスト、中文文本。한국어 텍스트 Привет, мир! Ελληνικά עברית العربية हिन्दी ไทย ខ្មែរ\n"
+    "Việt Nam, Cửa Việt; özellikle Türkiye; например, každý; використання; اطلاعات\n"
+    "e\u0301 a\u0308 n\u0303 \u1e9b\u0323 Café naïve ﬁ Ⅻ ① 👍🏽 👨\u200d👩\u200d👧 🦙 ❤️ \u200b\u00a0\u3000!\n"
+    "```python\nprint('x')\n``` ... ---- ==== \\\\ \" ' ` ~/a_b-c.d @user #tag 100% & | ^\n"
+)
 
 
 @dataclass(frozen=True)
@@ -141,8 +180,9 @@ class Tokenizer:
 
     Attributes: name, kind ('byte_level' | 'sentencepiece' | 'wordpiece' | 'tekken' | 'raw'),
     vocab_size, prefix_space, bos_id/eos_id/pad_id/unk_id (int or None), chat_template (str or None),
-    content_hash (sha256 of the token-bytes table and special flags: two files describing the same
-    vocabulary share it).
+    content_hash (sha256 of the token-bytes table, the special flags and the ids of `HASH_PROBE_TEXT`:
+    two files describing the same tokenizer share it, the same vocabulary with other merges /
+    pre-tokenizer / normaliser does not).
     """
 
     def __init__(self, backend, *, name: str, kind: str, pieces: list[bytes | None], prefix_space: bool,
@@ -158,11 +198,30 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)  # text -> id, parsed out of text by encode()
         self.chat_template = chat_template
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
-        self.content_hash = self.token_bytes.sha256()
         self._special_re = (
             re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
             if self.special_tokens else None
         )
+        self.content_hash = self._content_hash()
+
+    def _content_hash(self) -> str:
+        """sha256 of the token-bytes table + special flags + the ids of HASH_PROBE_TEXT (see module doc)."""
+        try:
+            probe = np.asarray(self._backend.encode(HASH_PROBE_TEXT, False, True, self), dtype="<i8")
+        except Exception:  # noqa: BLE001  (e.g. a vocabulary with no unk token for the probe's rarer scripts)
+            parts = []
+            for line in HASH_PROBE_TEXT.splitlines(keepends=True):  # what encodes, line by line; -1 for the rest
+                try:
+                    parts.append(np.asarray(self._backend.encode(line, False, True, self), dtype="<i8"))
+                except Exception:  # noqa: BLE001
+                    parts.append(np.array([-1], dtype="<i8"))
+            probe = np.concatenate(parts)
+        h = hashlib.sha256()
+        h.update(b"xtok-tokenizer-v2\0")
+        h.update(bytes.fromhex(self.token_bytes.sha256()))
+        h.update(np.int64(probe.size).astype("<i8").tobytes())
+        h.update(probe.tobytes())
+        return h.hexdigest()
 
     def __repr__(self):
         return f"Tokenizer({self.name!r}, kind={self.kind}, vocab={self.vocab_size})"
@@ -179,7 +238,8 @@ class Tokenizer:
 
         Special tokens span their own text; a SentencePiece dummy-prefix space that is not in the
         text is not counted. Tokenizers that normalise (lower-casing, NFKC) get the spans their
-        backend reports (Hugging Face offsets); others get exact cumulative byte lengths.
+        backend reports (Hugging Face offsets; byte-fallback pieces of one character, which share
+        its span there, split it by their byte lengths); others get exact cumulative byte lengths.
         """
         if isinstance(self._backend, _HFBackend):
             enc = self._backend.tok.encode(text, add_special_tokens=False)
@@ -205,7 +265,8 @@ class Tokenizer:
                     keep[s:e] = False
                 if np.array_equal(text_b[keep], np.frombuffer(self.token_bytes.concat(ids), dtype=np.uint8)):
                     return ids, exact
-            return ids, off
+            return ids, _split_shared_spans(off, lens, sp)
+
         all_ids, all_off = [], []
         pos = 0
         for is_sp, part in self._split_special(text):
@@ -260,6 +321,34 @@ class Tokenizer:
             yield (part in self.special_tokens), part
 
 
+def _split_shared_spans(off: np.ndarray, lens: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """HF offsets are char-granular: byte-fallback pieces of one character (`<0xE2><0x98><0x95>`)
+    all get the character's span. Split each run of consecutive non-special tokens sharing one
+    span whose byte lengths add up to it into consecutive exact sub-spans. Vectorised."""
+    n = off.shape[0]
+    if n < 2:
+        return off
+    same = np.all(off[1:] == off[:-1], axis=1)
+    if not same.any():
+        return off
+    first = np.concatenate(([True], ~same))
+    run = np.cumsum(first) - 1
+    starts = np.nonzero(first)[0]
+    count = np.bincount(run)
+    total = np.bincount(run, weights=lens).astype(np.int64)
+    has_sp = np.bincount(run, weights=special.astype(np.int64)) > 0
+    ok = (count > 1) & ~has_sp & (total == off[starts, 1] - off[starts, 0])
+    sel = ok[run]
+    if not sel.any():
+        return off
+    cum = np.cumsum(lens)
+    before = cum - lens - (cum[starts] - lens[starts])[run]  # bytes of the run before each token
+    out = off.copy()
+    out[sel, 0] = off[sel, 0] + before[sel]
+    out[sel, 1] = out[sel, 0] + lens[sel]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
@@ -270,12 +359,35 @@ class _HFBackend:
 
     def __init__(self, tok):
         self.tok = tok
+        self._literal = None
+
+    def __getstate__(self):
+        return {"tok": self.tok, "_literal": None}
+
+    def __setstate__(self, state):
+        self.tok = state["tok"]
+        self._literal = None
+
+    @property
+    def literal(self):
+        """A private copy of the tokenizer with `encode_special_tokens = True`: special-token strings
+        in the text are encoded as the text they are. Built on first use (a copy, so the shared
+        `tok` that other callers and threads use is never mutated)."""
+        lit = self._literal
+        if lit is None:
+            from tokenizers import Tokenizer as HFTok
+
+            lit = HFTok.from_str(self.tok.to_str())
+            if not hasattr(lit, "encode_special_tokens"):
+                raise RuntimeError("encode(parse_special=False) needs tokenizers >= 0.15.1 "
+                                   "(Tokenizer.encode_special_tokens); upgrade with pip install -U tokenizers.")
+            lit.encode_special_tokens = True
+            self._literal = lit
+        return lit
 
     def encode(self, text, add_special_tokens, parse_special, owner):
-        if parse_special:
-            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-        # encode each non-special run separately so literal "<s>" in user text stays text
-        return self.tok.encode(text, add_special_tokens=add_special_tokens, is_pretokenized=False).ids
+        tok = self.tok if parse_special else self.literal
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -378,6 +490,22 @@ def _decoder_types(dec) -> list[str]:
     return [dec.get("type")]
 
 
+def _wordpiece_cleanup_enabled(dec) -> bool:
+    """Whether the tokenizer.json decoder is a WordPiece decoder with `cleanup` on (its default)."""
+    if not dec:
+        return False
+    if dec.get("type") == "Sequence":
+        return any(_wordpiece_cleanup_enabled(d) for d in dec.get("decoders", []))
+    return dec.get("type") == "WordPiece" and bool(dec.get("cleanup", True))
+
+
+def _wordpiece_cleanup(s: str) -> str:
+    """The `tokenizers` WordPiece decoder's cleanup, applied (as the decoder does) to one token's text."""
+    return (s.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
+            .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" do not", " don't")
+            .replace(" 's", "'s").replace(" 've", "'ve").replace(" 're", "'re"))
+
+
 def _json_has(obj, key_type: str) -> bool:
     """Whether any nested component of a tokenizer.json section has type key_type."""
     if isinstance(obj, dict):
@@ -415,6 +543,7 @@ def _hf_pieces(spec: dict, tok) -> tuple[str, list[bytes | None], bool]:
 
     u2b = _unicode_to_byte()
     prefix = model.get("continuing_subword_prefix") or "##"
+    clean = _wordpiece_cleanup if _wordpiece_cleanup_enabled(spec.get("decoder")) else (lambda x: x)
     pieces: list[bytes | None] = []
     for i in range(vocab_size):
         a = added.get(i)
@@ -440,11 +569,11 @@ def _hf_pieces(spec: dict, tok) -> tuple[str, list[bytes | None], bool]:
             pieces.append(bytes([int(m.group(1), 16)]) if m else t.replace("\u2581", " ").encode("utf-8"))
         elif kind == "wordpiece":
             if t.startswith(prefix):
-                pieces.append(t[len(prefix):].encode("utf-8"))
+                pieces.append(clean(t[len(prefix):]).encode("utf-8"))
             elif t.startswith("[") and t.endswith("]") and t.isupper():
                 pieces.append(None)  # [UNK]-style markers
-            else:
-                pieces.append(b" " + t.encode("utf-8"))
+            else:  # a new word: " " + t, then the decoder's cleanup (" ," -> ",")
+                pieces.append(clean(" " + t).encode("utf-8"))
         else:
             pieces.append(t.encode("utf-8"))
     # prefix space: whatever the tokenizer does with a word at text start
