@@ -3,7 +3,8 @@
 - full-vocab build for the largest pair available (Tekken 131k -> Qwen3 151k, else -> Llama-3 128k):
   wall time and peak RSS of a fresh process (target < 60 s, < 4 GB), vs a naive per-token Python
   builder (dict lookup + one student encode call per token) timed on a vocab slice and extrapolated;
-- `ProjectionMatrix.project` throughput on a collator-sized batch.
+- `ProjectionMatrix.project` throughput on a collator-sized batch (CPU time of this process);
+- the "Real pairs" table of docs/projection.md, regenerated (`test_bench_real_pairs_table` prints it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.conftest import report
-from conftest import ASSETS, TEKKEN
+from conftest import ASSETS, MISTRAL_SPM, TEKKEN
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -113,22 +114,27 @@ def test_bench_full_vocab_build(tmp_path, pair):
     assert wall < 60 and r["peak_rss_mb"] < 4096
 
 
+def _timed(fn, n):
+    """(CPU s per call of this process, wall s per call) over n calls."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - c0) / n, (time.perf_counter() - w0) / n
+
+
 def test_bench_project():
     from projection_tools.build import build_projection
     from projection_tools.cut import cut_arrays
     from xtok.projection import ProjectionMatrix
 
-    W = build_projection(TEKKEN, "mistral-common:tokenizer.model.v1", progress=False)
+    W = build_projection(TEKKEN, MISTRAL_SPM, progress=False)
     rng = np.random.default_rng(0)
     P, k = 4096, 20
     ids = rng.integers(0, W.shape[0], size=(P, k))
     probs = rng.dirichlet(np.ones(k), size=P).astype(np.float32)
-    W.project(ids, probs)
-    n = 20
-    t0 = time.perf_counter()
-    for _ in range(n):
-        W.project(ids, probs)
-    per = (time.perf_counter() - t0) / n
+    W.project(ids, probs)  # kernel loaded from the Numba cache (or compiled) outside the timing
+    n = 30
+    cpu1, wall1 = _timed(lambda: W.project(ids, probs), n)
     # a multi-entry W (4 per row)
     V_t, V_s = W.shape
     r = np.repeat(np.arange(V_t), 4)
@@ -136,22 +142,83 @@ def test_bench_project():
     v = rng.random(r.size).astype(np.float32)
     W4 = ProjectionMatrix.from_coo(*cut_arrays(r, c, v, V_t), (V_t, V_s))
     W4.project(ids, probs)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        W4.project(ids, probs)
-    per4 = (time.perf_counter() - t0) / n
+    cpu4, wall4 = _timed(lambda: W4.project(ids, probs), n)
     # naive reference: python dict accumulation per position, on 256 positions
     rows = {}
     rr, cc, vv = W.coo_arrays()
     for a, b, x in zip(rr.tolist(), cc.tolist(), vv.tolist()):
         rows.setdefault(a, []).append((b, x))
-    t0 = time.perf_counter()
-    for pid, pp in zip(ids[:256].tolist(), probs[:256].tolist()):
-        acc = {}
-        for t, p in zip(pid, pp):
-            for s, w in rows.get(t, ()):
-                acc[s] = acc.get(s, 0.0) + w * p
-        sorted(acc.items(), key=lambda kv: -kv[1])
-    naive = (time.perf_counter() - t0) * P / 256
-    report("projection_project", P=P, k=k, ms_per_batch_first_token=per * 1e3, ms_per_batch_4_per_row=per4 * 1e3,
-           naive_python_ms=naive * 1e3, speedup_vs_naive=naive / per)
+
+    def naive():
+        for pid, pp in zip(ids[:256].tolist(), probs[:256].tolist()):
+            acc = {}
+            for t, p in zip(pid, pp):
+                for s_, w in rows.get(t, ()):
+                    acc[s_] = acc.get(s_, 0.0) + w * p
+            sorted(acc.items(), key=lambda kv: -kv[1])
+
+    cpu_naive = _timed(naive, 1)[0] * P / 256
+    report("projection_project", P=P, k=k, cpu_ms_first_token=cpu1 * 1e3, wall_ms_first_token=wall1 * 1e3,
+           cpu_ms_4_per_row=cpu4 * 1e3, wall_ms_4_per_row=wall4 * 1e3, naive_python_cpu_ms=cpu_naive * 1e3,
+           speedup_vs_naive=cpu_naive / cpu1, load1=os.getloadavg()[0])
+
+
+# docs/projection.md "Real pairs": (teacher label, teacher spec, student label, student spec); bare names
+# are folders under ../shared/assets/tokenizers
+REAL_PAIRS = [
+    ("Mistral SPM v1", MISTRAL_SPM, "Tekken", TEKKEN),
+    ("Tekken", TEKKEN, "Mistral SPM v1", MISTRAL_SPM),
+    ("Tekken", TEKKEN, "Qwen3", "qwen3"),
+    ("Tekken", TEKKEN, "Llama-3", "llama3"),
+    ("Llama-3", "llama3", "Qwen3", "qwen3"),
+    ("Qwen3", "qwen3", "Llama-3", "llama3"),
+    ("Qwen3", "qwen3", "Llama-2 (HF)", "llama2"),
+    ("GPT-2", "gpt2", "Llama-2 (HF)", "llama2"),
+    ("Llama-3", "llama3", "Mistral (HF)", "mistral"),
+    ("DeepSeek-V4", "deepseek-v4", "Qwen3", "qwen3"),
+    ("Gemma-3", "gemma3", "Qwen3", "qwen3"),
+    ("Qwen3", "qwen3", "Gemma-3", "gemma3"),
+    ("Llama-3", "llama3", "BERT-MiniLM (uncased)", "bert-minilm"),
+]
+_BEYOND = ("prefix_a", "plain", "bytes_greedy", "unverified", "unk")
+
+
+def _spec(name):
+    return name if ":" in name else str(ASSETS / "tokenizers" / name)
+
+
+def real_pairs_table(pairs=REAL_PAIRS, progress=print):
+    """Build every available pair; return the markdown rows of docs/projection.md's "Real pairs" table."""
+    from projection_tools.build import build_projection
+    from xtok.tokens import load_tokenizer
+
+    rows = ["| teacher → student | V_t × V_s | exact | multi-token | mean dec. len | tiers beyond "
+            "`prefix_newline` | specials unmapped | build CPU (wall) |",
+            "|---|---|---|---|---|---|---|---|"]
+    warm = False
+    for tl, ts, sl, ss in pairs:
+        if any(":" not in x and not (ASSETS / "tokenizers" / x).exists() for x in (ts, ss)):
+            progress(f"skipped {tl} -> {sl}: tokenizer not in {ASSETS}")
+            continue
+        T, S = load_tokenizer(_spec(ts)), load_tokenizer(_spec(ss))
+        if not warm:  # the Numba kernels are loaded from their cache once, outside the timing
+            build_projection(T, S, progress=False)
+            warm = True
+        c0, w0 = time.process_time(), time.perf_counter()
+        W = build_projection(T, S, progress=False)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        st = W.stats
+        beyond = ", ".join(f"{k} {st['tiers'][k]:,}" for k in _BEYOND if st["tiers"].get(k)) or "–"
+        row = (f"| {tl} → {sl} | {st['teacher_vocab']:,} × {st['student_vocab']:,} | {st['exact_pct']:.2f}% | "
+               f"{st['multi_token_pct']:.2f}% | {st['mean_decomposition_len']:.2f} | {beyond} | "
+               f"{st['special_unmapped']:,} | {cpu:.1f} s ({wall:.1f} s) |")
+        rows.append(row)
+        progress(row)
+    return rows
+
+
+def test_bench_real_pairs_table():
+    """Regenerates docs/projection.md's "Real pairs" table (paste the printed block)."""
+    rows = real_pairs_table(progress=lambda r: print(r, flush=True))
+    print("\n[xtok-bench] real_pairs_table (load1 %.1f):\n%s" % (os.getloadavg()[0], "\n".join(rows)), flush=True)
+    assert len(rows) > 2 + 1  # at least the two mistral-common pairs (always available)

@@ -12,9 +12,10 @@ For every teacher token t (row of W):
        byte-level fragments of a multi-byte character, and anything tiers 1-3 could not reproduce);
     5. the student's own encoding of the text without byte verification (normalising students, e.g.
        lower-casing WordPiece), then the student's unk token.
-- special tokens: mapped by role (bos/eos/pad/unk ids, the same special text in the student, then role
-  aliases: end-of-turn tokens -> the student's end-of-turn or eos), overridable with a JSON/YAML file;
-  unmapped specials get an empty row and are listed in the stats.
+- special tokens: mapped by role (the same special text in the student, then the role its text names,
+  e.g. end-of-turn `<|im_end|>` -> the student's end-of-turn token `<|eot_id|>` or else its eos, then the
+  role the teacher declares for the id: bos/eos/pad/unk), overridable with a JSON/YAML file; unmapped
+  specials get an empty row and are listed in the stats.
 When teacher and student have the same content hash W is the identity.
 
 Encoding uses each backend's batch API (tokenizers `encode_batch`, tiktoken `encode_ordinary_batch`,
@@ -46,7 +47,7 @@ ROLE_ALIASES = {
     "eos": ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>", "[SEP]"],
     "eot": ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|end_of_turn|>", "<｜end▁of▁turn｜>"],
     "turn_start": ["<|im_start|>", "<|start_header_id|>", "<start_of_turn>"],
-    "pad": ["<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>"],
+    "pad": ["<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<｜▁pad▁｜>"],
     "unk": ["<unk>", "[UNK]"],
 }
 _ROLE_FALLBACK = {"eot": "eos"}
@@ -285,24 +286,41 @@ def _resolve(tok, key, role: str, vocab_special_only: bool) -> int:
     raise ValueError(f"{role} token {key!r} is not a special token of {tok.name} (nor a single token)")
 
 
-def map_specials(teacher, student, overrides: dict | None = None) -> tuple[dict[int, int], list[str]]:
-    """Teacher special id -> student id, and the names of teacher specials left unmapped."""
-    t_tb = teacher.token_bytes
-    sp_ids = np.nonzero(t_tb.is_special)[0].tolist()
-    s_by_text = dict(student.special_tokens)
-    for attr in ("bos", "eos", "pad", "unk"):
-        i = getattr(student, f"{attr}_id")
-        if i is not None:
-            s_by_text.setdefault(student.token_str(i), i)
-    s_roles: dict[str, int] = {}
+def student_roles(student) -> dict[str, int]:
+    """Role -> student id: the first role alias (ROLE_ALIASES order) among the student's special tokens,
+    else the id the student declares for that role (bos/eos/pad/unk)."""
+    s_by_text = _special_texts(student)
+    roles: dict[str, int] = {}
     for role, names in ROLE_ALIASES.items():
         for nm in names:
             if nm in s_by_text:
-                s_roles.setdefault(role, s_by_text[nm])
-    for attr in ("bos", "eos", "pad", "unk"):  # declared ids win over aliases
+                roles.setdefault(role, s_by_text[nm])
+    for attr in ("bos", "eos", "pad", "unk"):
         i = getattr(student, f"{attr}_id")
         if i is not None:
-            s_roles[attr] = i
+            roles.setdefault(attr, i)
+    return roles
+
+
+def _special_texts(tok) -> dict[str, int]:
+    d = dict(tok.special_tokens)
+    for attr in ("bos", "eos", "pad", "unk"):
+        i = getattr(tok, f"{attr}_id")
+        if i is not None:
+            d.setdefault(tok.token_str(i), i)
+    return d
+
+
+def map_specials(teacher, student, overrides: dict | None = None) -> tuple[dict[int, int], list[str]]:
+    """Teacher special id -> student id, and the names of teacher specials left unmapped.
+
+    Per teacher special, the first that applies: an override entry (a student token, or null = leave
+    unmapped); the same special text in the student; the role its text names (ROLE_ALIASES, end-of-turn
+    falling back to eos) -> `student_roles`; the role the teacher declares for the id (bos/eos/pad/unk)."""
+    t_tb = teacher.token_bytes
+    sp_ids = np.nonzero(t_tb.is_special)[0].tolist()
+    s_by_text = _special_texts(student)
+    s_roles = student_roles(student)
     alias_role = {nm: role for role, names in ROLE_ALIASES.items() for nm in names}
     t_role_of_id = {getattr(teacher, f"{a}_id"): a for a in ("unk", "pad", "eos", "bos")
                     if getattr(teacher, f"{a}_id") is not None}
@@ -320,17 +338,13 @@ def map_specials(teacher, student, overrides: dict | None = None) -> tuple[dict[
             else:
                 unmapped.append(name)
             continue
-        s = None
-        role = t_role_of_id.get(t)
-        if role is not None and role in s_roles:
-            s = s_roles[role]
-        if s is None and name in s_by_text:
-            s = s_by_text[name]
-        if s is None:
-            role = alias_role.get(name)
-            while role is not None and s is None:
-                s = s_roles.get(role)
-                role = _ROLE_FALLBACK.get(role)
+        s = s_by_text.get(name)
+        role = alias_role.get(name)
+        while s is None and role is not None:
+            s = s_roles.get(role)
+            role = _ROLE_FALLBACK.get(role)
+        if s is None and t in t_role_of_id:
+            s = s_roles.get(t_role_of_id[t])
         if s is None:
             unmapped.append(name)
         else:
@@ -339,6 +353,37 @@ def map_specials(teacher, student, overrides: dict | None = None) -> tuple[dict[
         if s is not None and not t_tb.is_special[t]:
             out[t] = s
     return out, unmapped
+
+
+def matrix_stats(W, teacher, exact_mask: np.ndarray, tiers: dict, build_time_s: float | None = None) -> dict:
+    """The stats block of a projection file, computed from W's arrays, the teacher's token flags, the
+    rows counted as exact matches (`exact_mask`, bool [V_t]) and the per-tier row counts `tiers`."""
+    t_tb = teacher.token_bytes
+    V_t, V_s = W.shape
+    special = np.asarray(t_tb.is_special, bool)
+    text = ~special
+    n_text = int(text.sum())
+    dec_len = np.diff(W.decomp_offsets)
+    row_nnz = np.diff(W.indptr)
+    exact_n = int((exact_mask & text).sum())
+    multi = int(((dec_len > 1) & text).sum())
+    unm = np.nonzero(special & (row_nnz == 0))[0]
+    reached = np.unique(W.indices).size
+    return {
+        "teacher_vocab": V_t, "student_vocab": V_s,
+        "teacher_text_tokens": n_text, "teacher_special_tokens": int(special.sum()),
+        "exact": exact_n, "exact_pct": round(100.0 * exact_n / max(n_text, 1), 3),
+        "multi_token": multi, "multi_token_pct": round(100.0 * multi / max(n_text, 1), 3),
+        "single_token_nonexact": int(((dec_len == 1) & text & ~exact_mask).sum()),
+        "tiers": tiers,
+        "special_mapped": int((special & (row_nnz > 0)).sum()),
+        "special_unmapped": int(unm.size), "special_unmapped_names": [teacher.token_str(int(i)) for i in unm[:50]],
+        "empty_rows": int((row_nnz == 0).sum()),
+        "mean_decomposition_len": round(float(dec_len[text].mean()) if n_text else 0.0, 4),
+        "max_decomposition_len": int(dec_len.max()) if V_t else 0,
+        "student_coverage_pct": round(100.0 * reached / max(V_s, 1), 3),
+        "nnz": W.nnz, **({} if build_time_s is None else {"build_time_s": round(build_time_s, 3)}),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +408,6 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
     row_col = np.full(V_t, -1, np.int64)
     tier = np.full(V_t, _TIER["unmapped"], np.int8)
     dec_len = np.zeros(V_t, np.int64)
-    unmapped_names: list[str] = []
     bar = tqdm(total=V_t, desc=f"projection {teacher.name} -> {student.name}", unit="tok", disable=not progress,
                leave=False)
     if teacher.content_hash == student.content_hash and V_t == V_s:
@@ -372,13 +416,18 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         dec_len[:] = 1
         dec_ids = np.arange(V_t, dtype=np.int64)
         bar.update(V_t)
-        overrides = {}
-        if special_map:  # overrides still apply
+        if special_map:  # overrides still apply (null: the row is left empty)
+            forced = {_resolve(teacher, k, "teacher", True): v for k, v in special_map.items()}
             sp, _ = map_specials(teacher, student, special_map)
-            overrides = {t: s for t, s in sp.items()}
-        for t, s in overrides.items():
-            row_col[t] = s
-            dec_ids[t] = s
+            for t, v in forced.items():
+                if v is None:
+                    row_col[t] = -1
+                    dec_len[t] = 0
+                    tier[t] = _TIER["unmapped"]
+                else:
+                    row_col[t] = dec_ids[t] = sp[t]
+                    tier[t] = _TIER["special"]
+            dec_ids = dec_ids[dec_len > 0]
     else:
         mask = canonical_student_mask(student)
         lookup = ByteLookup(student.token_bytes, mask)
@@ -388,7 +437,7 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         tier[hit] = _TIER["exact"]
         dec_len[hit] = 1
         bar.update(int(hit.sum()))
-        sp, unmapped_names = map_specials(teacher, student, special_map)
+        sp, _ = map_specials(teacher, student, special_map)
         for t, s in sp.items():
             row_col[t] = s
             tier[t] = _TIER["special"]
@@ -423,25 +472,8 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         W = cut(W, top_k=top_k, min_weight=min_weight, normalize=normalize)
     elapsed = time.perf_counter() - t0
     tier_counts = {n: int((tier == i).sum()) for i, n in enumerate(TIERS) if (tier == i).any()}
-    n_text = int((~t_tb.is_special).sum())
-    exact_n = tier_counts.get("exact", 0) + (tier_counts.get("identity", 0) and n_text)
-    nonspecial = ~t_tb.is_special
-    multi = int(((dec_len > 1) & nonspecial).sum())
-    stats = {
-        "teacher_vocab": V_t, "student_vocab": V_s,
-        "teacher_text_tokens": n_text, "teacher_special_tokens": int(t_tb.is_special.sum()),
-        "exact": int(exact_n), "exact_pct": round(100.0 * exact_n / max(n_text, 1), 3),
-        "multi_token": multi, "multi_token_pct": round(100.0 * multi / max(n_text, 1), 3),
-        "single_token_nonexact": int(((dec_len == 1) & nonspecial).sum() - exact_n),
-        "tiers": tier_counts,
-        "special_mapped": int((t_tb.is_special & (row_col >= 0)).sum()),
-        "special_unmapped": len(unmapped_names), "special_unmapped_names": unmapped_names[:50],
-        "empty_rows": int((row_col < 0).sum()),
-        "mean_decomposition_len": round(float(dec_len[nonspecial].mean()) if n_text else 0.0, 4),
-        "max_decomposition_len": int(dec_len.max()) if V_t else 0,
-        "student_coverage_pct": round(100.0 * np.unique(W.indices).size / max(V_s, 1), 3),
-        "nnz": W.nnz, "build_time_s": round(elapsed, 3),
-    }
+    exact_mask = (tier == _TIER["exact"]) | ((tier == _TIER["identity"]) & ~t_tb.is_special)
+    stats = matrix_stats(W, teacher, exact_mask, tier_counts, elapsed)
     W.meta.update({
         "teacher_name": teacher.name, "teacher_hash": teacher.content_hash, "teacher_vocab": str(V_t),
         "student_name": student.name, "student_hash": student.content_hash, "student_vocab": str(V_s),
@@ -496,18 +528,16 @@ def make_build_command(name: str = "build"):
     def cmd(teacher, student, output, top_k, min_weight, normalize, special_map, batch_size, stats_json, quiet):
         """Build the sparse teacher->student vocab projection matrix W (rows sum to 1) and the
         teacher-token decompositions, and save them to OUTPUT (.safetensors)."""
-        from xtok.projection import ProjectionError
+        from xtok.projection import ProjectionError, check_writable
         from xtok.tokens import TokenizerLoadError
 
         out = Path(output)
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise click.ClickException(f"{out}: output folder {parent} does not exist; create it first.")
         try:
+            check_writable(out)  # fail fast, before the build
             W = build_projection(teacher, student, top_k=top_k, normalize=normalize, min_weight=min_weight,
                                  special_map=special_map, progress=not quiet, batch_size=batch_size)
             W.save(out)
-        except (ProjectionError, TokenizerLoadError, ValueError) as e:
+        except (ProjectionError, TokenizerLoadError, ValueError, OSError) as e:
             raise click.ClickException(str(e)) from e
         if not quiet:
             click.echo(format_stats(W.stats))

@@ -50,11 +50,15 @@ def cut(W, *, top_k: int | None = None, min_weight: float = 0.0, normalize: bool
     opts = dict(meta.get("options", {}))
     opts.update({"top_k": top_k, "min_weight": min_weight, "normalize": normalize})
     meta["options"] = opts
-    stats = dict(meta.get("stats", {}))
-    stats["nnz"] = int(r.size)
-    meta["stats"] = stats
-    return ProjectionMatrix.from_coo(r, c, v, W.shape, decomp_offsets=W.decomp_offsets, decomp_ids=W.decomp_ids,
-                                     meta=meta, device=W.device)
+    W2 = ProjectionMatrix.from_coo(r, c, v, W.shape, decomp_offsets=W.decomp_offsets, decomp_ids=W.decomp_ids,
+                                   meta=meta, device=W.device)
+    stats = dict(meta.get("stats") or {})
+    if stats:  # the stats that the cut can change (the rest need the tokenizers and are unchanged by it)
+        stats["nnz"] = W2.nnz
+        stats["empty_rows"] = int((np.diff(W2.indptr) == 0).sum())
+        stats["student_coverage_pct"] = round(100.0 * np.unique(W2.indices).size / max(W.shape[1], 1), 3)
+    W2.meta["stats"] = stats
+    return W2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,13 +73,14 @@ def cut(W, *, top_k: int | None = None, min_weight: float = 0.0, normalize: bool
               help="Renormalise every non-empty row to sum to 1 after the cut.")
 def cli(matrix, output, top_k, min_weight, normalize):
     """Sort-and-cut a projection MATRIX: top-k per row, minimum weight, row renormalisation."""
-    from xtok.projection import ProjectionError, ProjectionMatrix
+    from xtok.projection import ProjectionError, ProjectionMatrix, check_writable
 
     try:
+        check_writable(output)  # fail fast, before loading anything
         W = ProjectionMatrix.load(matrix, check_hashes=False)
         W2 = cut(W, top_k=top_k, min_weight=min_weight, normalize=normalize)
         W2.save(output)
-    except (ProjectionError, ValueError) as e:
+    except (ProjectionError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"nnz {W.nnz} -> {W2.nnz}; wrote {output}")
 

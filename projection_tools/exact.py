@@ -211,8 +211,14 @@ def exact_map(teacher, student, student_mask: np.ndarray | None = None) -> np.nd
 
 def apply_exact(W, teacher, student):
     """Copy of W whose exact-match rows are replaced by one-hot rows at the matching student id
-    (and whose decompositions for those rows become that single id). Returns (W', n_rows_changed)."""
+    (and whose decompositions for those rows become that single id). Returns (W', n_rows_changed).
+
+    W'.stats are recomputed from W''s arrays (nnz, exact, multi-token, specials, coverage, ...); the
+    per-row build tiers are not stored, so `tiers` becomes {exact, special, kept, unmapped} (kept = rows
+    taken over from W as they were) and the build's breakdown moves to `tiers_at_build`."""
     from xtok.projection import ProjectionMatrix
+
+    from .build import matrix_stats
 
     V_t, V_s = W.shape
     if (V_t, V_s) != (teacher.vocab_size, student.vocab_size):
@@ -247,8 +253,19 @@ def apply_exact(W, teacher, student):
     opts = dict(meta.get("options", {}))
     opts["exact_reapplied"] = True
     meta["options"] = opts
-    return ProjectionMatrix.from_coo(new_rows, new_cols, new_vals, W.shape, decomp_offsets=offs, decomp_ids=ids,
-                                     meta=meta), n_changed
+    W2 = ProjectionMatrix.from_coo(new_rows, new_cols, new_vals, W.shape, decomp_offsets=offs, decomp_ids=ids,
+                                   meta=meta, device=W.device)
+    old = dict(W.meta.get("stats") or {})
+    special = np.asarray(teacher.token_bytes.is_special, bool)
+    nonempty = np.diff(W2.indptr) > 0
+    tiers = {"exact": int(hit.sum()), "special": int((special & nonempty).sum()),
+             "kept": int((~special & ~hit & nonempty).sum()), "unmapped": int((~nonempty).sum())}
+    stats = matrix_stats(W2, teacher, hit, {k: v for k, v in tiers.items() if v}, old.get("build_time_s"))
+    stats["exact_rows_changed"] = n_changed
+    if "tiers" in old:
+        stats["tiers_at_build"] = old.get("tiers_at_build", old["tiers"])
+    W2.meta["stats"] = stats
+    return W2, n_changed
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -261,15 +278,16 @@ def apply_exact(W, teacher, student):
 def cli(matrix, teacher, student, output, no_check_hashes):
     """Re-apply the exact byte-match map to MATRIX (e.g. after editing or learning W): every
     teacher token whose bytes equal a student token's becomes a one-hot row at that token."""
-    from xtok.projection import ProjectionError, ProjectionMatrix
+    from xtok.projection import ProjectionError, ProjectionMatrix, check_writable
     from xtok.tokens import TokenizerLoadError, load_tokenizer
 
     try:
+        check_writable(output)  # fail fast, before loading anything
         T, S = load_tokenizer(teacher), load_tokenizer(student)
         W = ProjectionMatrix.load(matrix, teacher=T, student=S, check_hashes=not no_check_hashes)
         W2, n = apply_exact(W, T, S)
         W2.save(output)
-    except (ProjectionError, TokenizerLoadError, ValueError) as e:
+    except (ProjectionError, TokenizerLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"exact rows re-applied: {n} changed; wrote {output} (nnz={W2.nnz})")
 

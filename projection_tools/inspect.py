@@ -93,7 +93,7 @@ def cli(matrix, teacher, student, rows, seed, tokens, no_check_hashes):
             if not 0 <= t < W.shape[0]:
                 raise ValueError(f"--token {t}: out of range [0, {W.shape[0]})")
         click.echo(inspect_matrix(W, T, S, rows=rows, seed=seed, tokens=tokens))
-    except (ProjectionError, TokenizerLoadError, ValueError) as e:
+    except (ProjectionError, TokenizerLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
 
 

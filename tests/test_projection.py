@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import MISTRAL_SPM, TEKKEN, asset
+from conftest import MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN, asset
 from projection_tools.build import build_projection
 from projection_tools.cut import cut, cut_arrays
 from projection_tools.exact import apply_exact
@@ -189,7 +189,25 @@ def W_spm_tek(tekken, spm):
     return build_projection(spm, tekken, progress=False)
 
 
-def check_real_pair(T, S, W, n_sample=1500, seed=0):
+_TOKS: dict = {}
+
+
+def real_tok(name):
+    """A real tokenizer by short name (shared assets or mistral-common), loaded once per module."""
+    if name not in _TOKS:
+        spec = {"tekken": TEKKEN, "spm": MISTRAL_SPM, "spm_v3": MISTRAL_SPM_V3}.get(name)
+        _TOKS[name] = load_tokenizer(spec if spec else asset(f"tokenizers/{name}"))
+    return _TOKS[name]
+
+
+@pytest.fixture(scope="module")
+def W_qwen_llama():
+    T, S = real_tok("qwen3"), real_tok("llama3")
+    return T, S, build_projection(T, S, progress=False)
+
+
+def check_real_pair(T, S, W, n_sample=None, seed=0):
+    """Full reference check of a built W; `n_sample` None = every non-exact row (full vocabulary)."""
     tbT = T.token_bytes
     s_dict = ref_bytes_to_ids(S)
     maxlen = max(len(b) for b in s_dict)
@@ -220,12 +238,13 @@ def check_real_pair(T, S, W, n_sample=1500, seed=0):
     bad = sum(1 for t in range(T.vocab_size) if not tbT.is_special[t]
               and b"".join(sb.get(i) for i in seq[off[t]:off[t + 1]].tolist()) != tbT.get(t))
     assert bad == W.stats["tiers"].get("unverified", 0) + W.stats["tiers"].get("unk", 0)
-    # first token of every sampled non-exact row = what the student tokenizer itself produces
+    # first token (and whole decomposition) of every non-exact row (or a seeded sample of them) = what the
+    # student tokenizer itself produces, one encode call per token
     exact_set = set(exact_rows)
     cand = [t for t in range(T.vocab_size) if not tbT.is_special[t] and t not in exact_set and tbT.get(t)]
-    rng = random.Random(seed)
-    sample = rng.sample(cand, min(n_sample, len(cand)))
-    n_greedy = 0
+    sample = cand if n_sample is None else random.Random(seed).sample(cand, min(n_sample, len(cand)))
+    n_greedy = n_none = 0
+    n_unverified = W.stats["tiers"].get("unverified", 0) + W.stats["tiers"].get("unk", 0)
     for t in sample:
         how, dec = ref_decompose(S, tbT.get(t), s_dict, maxlen)
         got = W.decomposition(t).tolist()
@@ -235,9 +254,12 @@ def check_real_pair(T, S, W, n_sample=1500, seed=0):
             n_greedy += 1
             assert [S.token_bytes.get(i) for i in got] == dec, (t, tbT.get(t))
         else:  # unrepresentable bytes: unverified encoding or unk
-            assert W.stats["tiers"].get("unverified", 0) + W.stats["tiers"].get("unk", 0) > 0
+            n_none += 1
+            assert n_unverified > 0
             continue
         assert W.row(t)[0].tolist() == [got[0]]
+    if n_sample is None:  # every row the reference cannot spell is one of the counted unverified/unk rows
+        assert n_none == n_unverified
     return n_greedy
 
 
@@ -285,6 +307,138 @@ def test_shared_pairs(pair):
     S = load_tokenizer(asset(f"tokenizers/{pair[1]}"))
     W = build_projection(T, S, progress=False)
     check_real_pair(T, S, W, n_sample=600)
+
+
+def test_real_qwen3_to_llama3_full_vocab(W_qwen_llama):
+    """151k x 128k, both Hugging Face byte-level BPE: every row checked against per-token encode calls."""
+    T, S, W = W_qwen_llama
+    check_real_pair(T, S, W)
+    assert W.stats["exact"] > 100_000
+
+
+# --------------------------------------------------------------------------------------------
+# special tokens by chat role, across real families
+# --------------------------------------------------------------------------------------------
+
+# Hand-written from each family's chat format: teacher special -> the student special of the same role
+# (turn start, end of turn, end of document/eos, bos, pad); every other teacher special must stay unmapped
+# unless the student has the very same special text (SAME_TEXT pairs).
+ROLE_CASES = {
+    ("qwen3", "llama3"): {"<|im_start|>": "<|start_header_id|>", "<|im_end|>": "<|eot_id|>",
+                          "<|endoftext|>": "<|end_of_text|>"},
+    ("llama3", "qwen3"): {"<|start_header_id|>": "<|im_start|>", "<|eot_id|>": "<|im_end|>",
+                          "<|end_of_text|>": "<|endoftext|>", "<|finetune_right_pad_id|>": "<|endoftext|>"},
+    ("llama3", "bert-minilm"): {"<|begin_of_text|>": "[CLS]", "<|end_of_text|>": "[SEP]", "<|eot_id|>": "[SEP]",
+                                "<|finetune_right_pad_id|>": "[PAD]"},
+    ("tekken", "llama3"): {"<s>": "<|begin_of_text|>", "</s>": "<|end_of_text|>",
+                           "<pad>": "<|finetune_right_pad_id|>"},
+    ("qwen3", "spm_v3"): {"<|im_end|>": "</s>", "<|endoftext|>": "</s>"},  # no end-of-turn token: eos
+    # v3 SentencePiece declares [INST], [/INST], [TOOL_CALLS], ... as control tokens: same text, same token
+    ("tekken", "spm_v3"): {"<s>": "<s>", "</s>": "</s>", "<unk>": "<unk>", "[INST]": "[INST]", "[/INST]": "[/INST]"},
+}
+SAME_TEXT = {("tekken", "spm_v3")}
+
+
+def _special_id(tok, text):
+    """The id of a special token by its text (declared specials, and the bos/eos/pad/unk ids)."""
+    if text in tok.special_tokens:
+        return tok.special_tokens[text]
+    for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id):
+        if i is not None and tok.token_str(i) == text:
+            return i
+    return None
+
+
+def ref_role_map(T, S, pair):
+    """Expected {teacher special id: student id or None} for every teacher special."""
+    exp = {}
+    for t in np.nonzero(T.token_bytes.is_special)[0].tolist():
+        name = T.token_str(t)
+        want = ROLE_CASES[pair].get(name)
+        if want is None and pair in SAME_TEXT and _special_id(S, name) is not None:
+            want = name
+        if want is not None:
+            sid = _special_id(S, want)
+            assert sid is not None and S.token_bytes.is_special[sid], (pair, want)
+            exp[t] = sid
+        else:
+            exp[t] = None
+    return exp
+
+
+@pytest.mark.parametrize("pair", list(ROLE_CASES), ids=lambda p: f"{p[0]}->{p[1]}")
+def test_specials_map_by_chat_role(pair):
+    from projection_tools.build import map_specials
+
+    T, S = real_tok(pair[0]), real_tok(pair[1])
+    exp = ref_role_map(T, S, pair)
+    got, unmapped = map_specials(T, S)
+    assert {t: got.get(t) for t in exp} == exp
+    assert unmapped == [T.token_str(t) for t, s in exp.items() if s is None]
+
+
+def test_specials_in_built_matrix_and_stats(W_qwen_llama):
+    T, S, W = W_qwen_llama
+    exp = ref_role_map(T, S, ("qwen3", "llama3"))
+    for t, s in exp.items():
+        assert W.row(t)[0].tolist() == ([] if s is None else [s]), T.token_str(t)
+        assert W.decomposition(t).tolist() == ([] if s is None else [s])
+    names = [T.token_str(t) for t, s in exp.items() if s is None]
+    assert len(names) == 11  # <|object_ref_start|> ... <|video_pad|>: no counterpart in Llama-3
+    assert W.stats["special_unmapped"] == len(names) and W.stats["special_unmapped_names"] == names
+    assert W.stats["special_mapped"] == 3
+    empty = np.nonzero(np.diff(W.indptr) == 0)[0].tolist()
+    assert empty == [t for t, s in exp.items() if s is None]
+
+
+def test_special_override_file_changes_roles(tmp_path, W_qwen_llama):
+    """JSON and YAML override files remap / unmap specials, and the stats follow (the CLI's --special-map:
+    test_cli_build_and_tools)."""
+    T, S, W0 = W_qwen_llama
+    tid, sid = T.special_tokens, S.special_tokens
+    over = {"<|im_start|>": "<|begin_of_text|>", "<|im_end|>": None, "<|vision_start|>": "<|image|>",
+            str(tid["<|vision_end|>"]): sid["<|image|>"]}  # keys/values as texts or ids
+    (tmp_path / "m.json").write_text(json.dumps(over))
+    (tmp_path / "m.yaml").write_text("specials:\n" + "".join(
+        f"  '{k}': {'null' if v is None else repr(v) if isinstance(v, str) else v}\n" for k, v in over.items()))
+    want = {tid["<|im_start|>"]: [sid["<|begin_of_text|>"]], tid["<|im_end|>"]: [],
+            tid["<|vision_start|>"]: [sid["<|image|>"]], tid["<|vision_end|>"]: [sid["<|image|>"]],
+            tid["<|endoftext|>"]: [sid["<|end_of_text|>"]]}  # not overridden: role mapping as before
+    before = set(W0.stats["special_unmapped_names"])
+    for f in ("m.json", "m.yaml"):
+        W = build_projection(T, S, special_map=tmp_path / f, progress=False)
+        for t, row in want.items():
+            assert W.row(t)[0].tolist() == row, T.token_str(t)
+        names = set(W.stats["special_unmapped_names"])
+        assert names == (before - {"<|vision_start|>", "<|vision_end|>"}) | {"<|im_end|>"}
+        assert W.stats["special_unmapped"] == len(names) == int((np.diff(W.indptr) == 0).sum())
+        assert W.meta["options"]["special_map"] == json.loads(json.dumps(over))
+    # an override naming a token the student does not have: a clear error
+    (tmp_path / "bad.yaml").write_text("'<|im_start|>': '<|no_such_special|>'\n")
+    with pytest.raises(ValueError, match=r"<\|no_such_special\|>"):
+        build_projection(T, S, special_map=tmp_path / "bad.yaml", progress=False)
+
+
+def test_special_override_on_control_tokens_and_identity(tmp_path):
+    """qwen3 -> v3 SentencePiece: <|im_start|> has no role counterpart; an override maps it to the v3
+    [INST] control token. On an identity W a null override empties the row."""
+    from projection_tools.build import map_specials
+
+    T, S = real_tok("qwen3"), real_tok("spm_v3")
+    im_start = T.special_tokens["<|im_start|>"]
+    assert im_start not in map_specials(T, S)[0]
+    got, unmapped = map_specials(T, S, {"<|im_start|>": "[INST]"})
+    assert got[im_start] == S.special_tokens["[INST]"] and S.token_bytes.is_special[got[im_start]]
+    assert "<|im_start|>" not in unmapped
+    V = real_tok("spm_v3")
+    W = build_projection(V, V, special_map={"[INST]": None, "</s>": "[/INST]"}, progress=False)
+    inst, eos = V.special_tokens["[INST]"], V.eos_id
+    assert W.row(inst)[0].size == 0 and W.decomposition(inst).size == 0
+    assert W.row(eos)[0].tolist() == [V.special_tokens["[/INST]"]]
+    other = [t for t in range(V.vocab_size) if t not in (inst, eos)]
+    assert all(W.row(t)[0].tolist() == [t] for t in other[:: 97])
+    assert W.stats["special_unmapped_names"] == ["[INST]"] and W.stats["empty_rows"] == 1
+    assert W.nnz == V.vocab_size - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +559,40 @@ def test_cut_matches_reference():
             assert w == pytest.approx(ref[i] / s, rel=1e-5)
 
 
+def ref_stats(W, T, S):
+    """The array-derived stats of a W, recomputed row by row in plain Python."""
+    s_dict = ref_bytes_to_ids(S)
+    tb = T.token_bytes
+    n_text = exact = multi = single_nonexact = sp_mapped = empty = 0
+    unmapped, dec_lens = [], []
+    for t in range(T.vocab_size):
+        ids, w = W.row(t)
+        dec = W.decomposition(t).tolist()
+        if ids.size == 0:
+            empty += 1
+        if tb.is_special[t]:
+            if ids.size:
+                sp_mapped += 1
+            else:
+                unmapped.append(T.token_str(t))
+            continue
+        n_text += 1
+        dec_lens.append(len(dec))
+        b = tb.get(t)
+        is_exact = bool(b) and b in s_dict and ids.size == 1 and int(ids[0]) in s_dict[b] and w[0] == 1.0
+        exact += is_exact
+        multi += len(dec) > 1
+        single_nonexact += len(dec) == 1 and not is_exact
+    reached = set(W.indices.tolist())
+    return {"teacher_vocab": T.vocab_size, "student_vocab": S.vocab_size, "teacher_text_tokens": n_text,
+            "teacher_special_tokens": T.vocab_size - n_text, "exact": exact, "multi_token": multi,
+            "single_token_nonexact": single_nonexact, "special_mapped": sp_mapped,
+            "special_unmapped": len(unmapped), "special_unmapped_names": unmapped[:50], "empty_rows": empty,
+            "mean_decomposition_len": round(sum(dec_lens) / len(dec_lens), 4), "max_decomposition_len": max(
+                len(W.decomposition(t)) for t in range(T.vocab_size)),
+            "student_coverage_pct": round(100.0 * len(reached) / S.vocab_size, 3), "nnz": len(W.indices)}
+
+
 def test_apply_exact_restores_edited_rows(W_spm_tek, spm, tekken):
     r, c, v = W_spm_tek.coo_arrays()
     rng = np.random.default_rng(3)
@@ -419,9 +607,11 @@ def test_apply_exact_restores_edited_rows(W_spm_tek, spm, tekken):
     W2, n = apply_exact(Wed, spm, tekken)
     s_dict = ref_bytes_to_ids(tekken)
     tb = spm.token_bytes
+    n_exact = 0
     for t in range(spm.vocab_size):
         b = None if tb.is_special[t] else tb.get(t)
         if b and b in s_dict:
+            n_exact += 1
             ids, w = W2.row(t)
             assert ids.size == 1 and int(ids[0]) in s_dict[b] and w[0] == 1
             assert W2.decomposition(t).tolist() == ids.tolist()
@@ -431,6 +621,35 @@ def test_apply_exact_restores_edited_rows(W_spm_tek, spm, tekken):
             assert np.array_equal(a_i, b_i) and np.array_equal(a_w, b_w)
             assert np.array_equal(Wed.decomposition(t), W2.decomposition(t))
     assert n > 0
+    # the stats describe the new arrays, not the matrix W was edited from
+    ref = ref_stats(W2, spm, tekken)
+    st = W2.stats
+    assert {k: st[k] for k in ref} == ref
+    assert st["exact"] == n_exact and st["exact_rows_changed"] == n
+    assert st["nnz"] != W_spm_tek.stats["nnz"]
+    assert sum(st["tiers"].values()) == spm.vocab_size and st["tiers"]["exact"] == n_exact
+    assert st["tiers_at_build"] == W_spm_tek.stats["tiers"]
+    # on an unedited W nothing changes, and the recomputed stats agree with the build's
+    W3, n3 = apply_exact(W_spm_tek, spm, tekken)
+    assert n3 == 0
+    assert {k: W3.stats[k] for k in ref} == {k: W_spm_tek.stats[k] for k in ref}
+
+
+def test_cut_updates_stats(W_spm_tek, spm, tekken):
+    rng = np.random.default_rng(4)
+    V_t, V_s = W_spm_tek.shape
+    r = np.repeat(np.arange(V_t), 3)
+    c = rng.integers(0, V_s, r.size)
+    v = rng.random(r.size).astype(np.float32) + 0.01
+    v[r < 10] = 0  # rows of zero weights: emptied by the cut
+    W = ProjectionMatrix.from_coo(r, c, v, W_spm_tek.shape, decomp_offsets=W_spm_tek.decomp_offsets,
+                                  decomp_ids=W_spm_tek.decomp_ids, meta=W_spm_tek.meta)
+    W1 = cut(W, top_k=1)
+    ref = ref_stats(W1, spm, tekken)
+    for k in ("nnz", "empty_rows", "student_coverage_pct"):
+        assert W1.stats[k] == ref[k], k
+    assert (W1.stats["nnz"], W1.stats["empty_rows"]) == (V_t - 10, 10)
+    assert W1.stats["student_coverage_pct"] != W_spm_tek.stats["student_coverage_pct"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +688,20 @@ def test_cli_build_and_tools(tmp_path, tiny_pair):
     assert r.exit_code == 0, r.output
     r = runner.invoke(_tool(exact_mod), [str(out), "-t", T.source, "-s", S.source, "-o", str(tmp_path / "e.safetensors")])
     assert r.exit_code == 0, r.output
+    # --special-map: a YAML override changes the role mapping; a bad one is a clean error, nothing written
+    (tmp_path / "m.yaml").write_text("'<|im_end|>': '<s>'\n'<|endoftext|>': null\n")
+    res = runner.invoke(_cli(), ["build-projection", "-t", T.source, "-s", S.source, "-o", str(tmp_path / "m.safetensors"),
+                                 "-q", "--special-map", str(tmp_path / "m.yaml")])
+    assert res.exit_code == 0, res.output
+    Wm = ProjectionMatrix.load(tmp_path / "m.safetensors")
+    assert Wm.row(T.special_tokens["<|im_end|>"])[0].tolist() == [S.special_tokens["<s>"]]
+    assert Wm.row(T.special_tokens["<|endoftext|>"])[0].size == 0
+    assert Wm.stats["special_unmapped_names"] == ["<|endoftext|>", "<|weird|>"]
+    (tmp_path / "bad.yaml").write_text("'<|im_end|>': '<|no_such_special|>'\n")
+    res = runner.invoke(_cli(), ["build-projection", "-t", T.source, "-s", S.source, "-o", str(tmp_path / "x"),
+                                 "-q", "--special-map", str(tmp_path / "bad.yaml")])
+    _clean_failure(res, "<|no_such_special|>", "student token")
+    assert not (tmp_path / "x").exists()
 
 
 def _tool(mod):
@@ -526,19 +759,205 @@ def test_corrupted_and_foreign_files(tmp_path, tiny_pair):
                                             "foreign.safetensors"))
 
 
-def test_write_failure_leaves_nothing(tmp_path, tiny_pair, monkeypatch):
+def _clean_failure(res, *needles):
+    """A CLI run that failed the intended way: exit code != 0 via a ClickException (no uncaught
+    exception, no traceback), with every needle in the message."""
+    assert res.exit_code != 0, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in res.output, (n, res.output)
+
+
+def _unwritable_dir():
+    """A folder that exists but where no file can be created (even as root): /proc."""
+    import tempfile
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc: no unwritable folder to test with")
+    try:
+        fd, p = tempfile.mkstemp(dir="/proc")
+    except OSError:
+        return "/proc"
+    os.close(fd)
+    os.unlink(p)
+    pytest.skip("/proc is writable here: no unwritable folder to test with")
+
+
+def test_unwritable_output_fails_fast(tmp_path, tiny_pair):
+    """An output that cannot be written is reported before any work (here: before the teacher, which
+    does not even exist, is looked at), as a clear message, by every command that writes; nothing left."""
+    from projection_tools import cut as cut_mod, exact as exact_mod
+
     T, S = tiny_pair
-    W = build_projection(T, S, progress=False)
-    import safetensors.numpy as stn
+    d = _unwritable_dir()
+    good = build_projection(T, S, progress=False).save(tmp_path / "w.safetensors")
+    (tmp_path / "plain.txt").write_text("x")
+    for out, needle in ((f"{d}/w.safetensors", "cannot write"), (str(tmp_path / "plain.txt" / "w.safetensors"),
+                                                                  "is not a folder")):
+        runs = [(_cli(), ["build-projection", "-t", str(tmp_path / "nope"), "-s", S.source, "-o", out, "-q"]),
+                (cut_mod.cli, [str(tmp_path / "nope.safetensors"), "-o", out]),
+                (exact_mod.cli, [str(tmp_path / "nope.safetensors"), "-t", "nope", "-s", "nope", "-o", out])]
+        for cmd, args in runs:
+            res = CliRunner().invoke(cmd, args)
+            _clean_failure(res, out, needle)
+            assert "nope" not in res.output.replace(out, "")  # failed on the output, before the inputs
+    from xtok.projection import ProjectionError, ProjectionWriteError
 
-    def boom(tensors, path, metadata=None):
-        open(path, "wb").write(b"partial")
-        raise OSError("disk full")
+    W = ProjectionMatrix.load(good)
+    with pytest.raises(ProjectionWriteError) as e:
+        W.save(f"{d}/w.safetensors")
+    assert isinstance(e.value, OSError) and isinstance(e.value, ProjectionError)
+    assert f"{d}/w.safetensors" in str(e.value) and "cannot write" in str(e.value)
+    assert _no_leftovers(tmp_path, allowed=("w.safetensors", "plain.txt"))
 
-    monkeypatch.setattr(stn, "save_file", boom)
-    with pytest.raises(OSError):
-        W.save(tmp_path / "w.safetensors")
-    assert os.listdir(tmp_path) == []
+
+_FSIZE_CHILD = r"""
+import json, os, resource, signal, sys
+from click.testing import CliRunner
+from projection_tools import cut as cut_mod, exact as exact_mod
+from projection_tools.build import build_projection, cli as build_cli
+from xtok.projection import ProjectionError
+from xtok.tokens import load_tokenizer
+t, s, d = sys.argv[1:4]
+T, S = load_tokenizer(t), load_tokenizer(s)
+W = build_projection(T, S, progress=False)  # JIT-compile everything before the limit
+exact_mod.apply_exact(W, T, S)
+inp = W.save(os.path.join(d, "in.safetensors"))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+out = {}
+try:
+    W.save(os.path.join(d, "api.safetensors"))
+    out["api"] = None
+except Exception as e:
+    out["api"] = [type(e).__name__, isinstance(e, OSError), isinstance(e, ProjectionError), str(e)]
+for name, cmd, args in (("build", build_cli, ["-t", t, "-s", s, "-o", os.path.join(d, "b.safetensors"), "-q"]),
+                        ("cut", cut_mod.cli, [str(inp), "-o", os.path.join(d, "c.safetensors")]),
+                        ("exact", exact_mod.cli, [str(inp), "-t", t, "-s", s, "-o", os.path.join(d, "e.safetensors")])):
+    res = CliRunner().invoke(cmd, args)
+    out[name] = [res.exit_code, res.output, type(res.exception).__name__]
+print(json.dumps(out))
+"""
+
+
+def test_write_failure_leaves_nothing(tmp_path, tiny_pair):
+    """A real write failure (file-size limit: EFBIG, as a full disk gives ENOSPC) during save: a clear
+    ProjectionWriteError (also an OSError) from the API, a clean message from every CLI, no file left."""
+    import subprocess
+    import sys
+
+    T, S = tiny_pair
+    d = tmp_path / "out"
+    d.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, T.source, S.source, str(d)], capture_output=True,
+                       text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    kind, is_os, is_proj, msg = got["api"]
+    assert kind == "ProjectionWriteError" and is_os and is_proj
+    assert "api.safetensors" in msg and "cannot write" in msg and "File too large" in msg
+    for name in ("build", "cut", "exact"):
+        code, output, exc = got[name]
+        assert code != 0 and exc == "SystemExit" and "Traceback" not in output, (name, output)
+        assert f"{name[0]}.safetensors" in output and "cannot write" in output, (name, output)
+    assert sorted(os.listdir(d)) == ["in.safetensors"]
+
+
+# field of the format -> how to break it; each must be refused naming the file and the field
+def _bad_cases():
+    def put(**kw):
+        def f(t, m):
+            t.update(kw)
+        return f
+
+    def edit(name, fn):
+        def f(t, m):
+            t[name] = fn(t[name].copy())
+        return f
+
+    def setv(name, where, value):
+        def g(a):
+            a[where] = value
+            return a
+        return edit(name, g)
+
+    return {
+        "shape_len1": (edit("shape", lambda a: a[:1]), "'shape'"),
+        "shape_float": (edit("shape", lambda a: a.astype(np.float64)), "'shape'"),
+        "shape_rank2": (edit("shape", lambda a: a.reshape(1, 2)), "'shape'"),
+        "shape_zero": (setv("shape", 0, 0), "'shape'"),
+        "shape_vs_metadata": (setv("shape", 1, 7), "'student_vocab'"),
+        "indices_float": (edit("indices", lambda a: a.astype(np.float32)), "'indices'"),
+        "indices_int64": (edit("indices", lambda a: a.astype(np.int64)), "'indices'"),
+        "indices_rank1": (edit("indices", lambda a: a.ravel()), "'indices'"),
+        "indices_3xnnz": (edit("indices", lambda a: np.vstack([a, a[:1]])), "'indices'"),
+        "indices_row_oob": (setv("indices", (0, -1), 10 ** 6), "'indices'"),
+        "indices_col_negative": (setv("indices", (1, 0), -1), "'indices'"),
+        "values_short": (edit("values", lambda a: a[:-1]), "'values'"),
+        "values_float64": (edit("values", lambda a: a.astype(np.float64)), "'values'"),
+        "values_nan": (setv("values", 3, np.nan), "'values'"),
+        "values_negative": (setv("values", 3, -0.5), "'values'"),
+        "offsets_short": (edit("decomp_offsets", lambda a: a[:-1]), "'decomp_offsets'"),
+        "offsets_long": (edit("decomp_offsets", lambda a: np.append(a, a[-1])), "'decomp_offsets'"),
+        "offsets_float": (edit("decomp_offsets", lambda a: a.astype(np.float64)), "'decomp_offsets'"),
+        "offsets_decreasing": (setv("decomp_offsets", 5, 10 ** 4), "'decomp_offsets'"),
+        "offsets_start": (edit("decomp_offsets", lambda a: a + 1), "'decomp_offsets'"),
+        "offsets_vs_ids": (edit("decomp_ids", lambda a: a[:-1]), "'decomp_offsets'"),
+        "decomp_ids_oob": (setv("decomp_ids", 0, 10 ** 6), "'decomp_ids'"),
+        "decomp_ids_float": (edit("decomp_ids", lambda a: a.astype(np.float32)), "'decomp_ids'"),
+        "decomp_ids_missing": (lambda t, m: t.pop("decomp_ids"), "'decomp_offsets'"),
+        "stats_not_object": (lambda t, m: m.update(stats="[1, 2]"), "'stats'"),
+        "options_not_json": (lambda t, m: m.update(options="{"), "'options'"),
+    }
+
+
+_BAD = _bad_cases()
+
+
+@pytest.fixture(scope="module")
+def tiny_w_bytes(tiny_pair, tmp_path_factory):
+    T, S = tiny_pair
+    return build_projection(T, S, progress=False).save(tmp_path_factory.mktemp("w") / "w.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_malformed_file_refused(tmp_path, tiny_pair, tiny_w_bytes, case):
+    """A file that parses as safetensors but breaks the format: ProjectionError naming file and field from
+    the API; exit code != 0, that message and no traceback from cut / inspect / exact; no output left."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from projection_tools import cut as cut_mod, exact as exact_mod, inspect as inspect_mod
+
+    T, S = tiny_pair
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(tiny_w_bytes)
+    with safe_open(str(good), framework="numpy") as f:
+        meta = dict(f.metadata())
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    mutate, field = _BAD[case]
+    mutate(t, meta)
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(bad), metadata=meta)
+    with pytest.raises(ProjectionError) as e:
+        ProjectionMatrix.load(bad)
+    assert "bad.safetensors" in str(e.value) and field in str(e.value), str(e.value)
+    out = tmp_path / "o.safetensors"
+    for cmd, args in ((cut_mod.cli, [str(bad), "-o", str(out)]),
+                      (inspect_mod.cli, [str(bad), "-t", T.source, "-s", S.source, "--rows", "2"]),
+                      (exact_mod.cli, [str(bad), "-t", T.source, "-s", S.source, "-o", str(out)])):
+        _clean_failure(CliRunner().invoke(cmd, args), "bad.safetensors", field)
+    assert _no_leftovers(tmp_path, allowed=("good.safetensors", "bad.safetensors"))
+
+
+def test_constructor_checks_decompositions():
+    indptr = np.array([0, 1, 2]); cols = np.array([0, 1]); vals = np.ones(2, np.float32)
+    ProjectionMatrix(indptr, cols, vals, (2, 2), np.array([0, 1, 2]), np.array([0, 1]))
+    for off, ids in (([0, 1], [0]), ([0, 2, 1], [0, 1]), ([1, 1, 2], [0, 1]), ([0, 1, 3], [0, 1])):
+        with pytest.raises(ProjectionError, match="decomp_offsets"):
+            ProjectionMatrix(indptr, cols, vals, (2, 2), np.array(off), np.array(ids))
 
 
 def test_xtok_projection_does_not_import_tools():
