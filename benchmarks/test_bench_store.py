@@ -1,152 +1,325 @@
 """Teacher store benchmarks (run with `pytest benchmarks/test_bench_store.py --benchmark -s`).
 
 1. Bytes per position and fidelity at equal k versus re-implemented reference encoders of the public
-   anchors' layouts, on real teacher outputs (stories260K on TinyStories text when ../shared is present,
-   else a seeded random tiny Llama on Python source):
-   - NeMo-Aligner style JSONL: per position k float logits + k ids + the log-sum-exp, as JSON text;
-   - 0seba/logits style binary: k float16 logits + k 18-bit ids + 24 sampled 18-bit ids (+ a float32
-     log-sum-exp per position, needed to normalise; counted).
-   Fidelity: mean/max KL(exact teacher || reconstruction) per position over the k+1 buckets (top-k +
-   tail), from a dense float64 full-softmax reference. xtok's figure is the real on-disk store (zstd
-   parquet, including input ids and the rendered text) written by `extract`.
+   anchors' layouts, on the outputs of two teachers:
+   - stories260K (a real trained Llama, V = 512) on TinyStories text (needs ../shared/assets);
+   - a random-init tiny Llama with the Tekken tokenizer (V = 131,072 > 65,536, so ids need more than 16
+     bits), its output layer scaled x40 so that its distributions are LLM-like (mean top-1 p ~0.4,
+     entropy ~2.7 nats, top-32 mass ~0.89), on tinyshakespeare (python source when assets are absent).
+   Layouts (every one written the same way: one parquet row per example, zstd level 6 without
+   dictionary, like the store's shards; "raw" = the bytes before compression):
+   - xtok: the real store written by `extract` (payload columns only, so that all layouts hold the
+     same per-position content; xtok's also carries the realised token's log-prob and the word-start
+     mass, which the anchors lack; on-disk shard size with text, input ids and keys reported too);
+   - NeMo-Aligner JSONL: per position k float32 logits, k ids and the float32 log-sum-exp, as JSON;
+   - 0seba/logits (its dataset card): k logits as uint16 linear between per-position float32 min/max,
+     k ids as 16 low bits + 2 high bits (uint16 when V <= 65,536: the same packing as xtok's, in the
+     anchor's favour), float32 log-sum-exp; with 24 tail samples: 24 sampled ids (the very ids xtok
+     drew, so that both hold the same ids) + their logits as uint16 with float32 min/max ("0seba")
+     or without those logits ("0seba-ids", exactly xtok's content).
+   Fidelity per position, float64, against the model's full softmax (dense reference):
+   - KL_bucket = KL(exact || reconstructed) over the k + 1 buckets (top-k tokens + the tail as one
+     bucket). xtok: top-k probabilities as the reader returns them, tail = stored tail_mass. Anchors:
+     q_i = exp(logit_i - lse) from the stored values, tail = 1 - sum q_i (floored at 1e-12, then all
+     renormalised). Sampled tail ids (either layout) estimate the tail's shape; they do not change the
+     bucket masses, and a full-vocabulary KL of any of these layouts is infinite (unsampled tokens get
+     0), so the bucket KL is the fidelity figure.
+   - KL_cond = KL over the top-k only, both renormalised: the precision of the stored shape alone.
 2. Extraction overhead (chunked top-k + store writing) versus the bare forward pass (HF forward with
-   full logits) over the same batches.
+   full logits) over the same batches, in CPU time (time.process_time, one thread), several repetitions.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.conftest import report
-from conftest import ASSETS, MISTRAL_SPM
+from conftest import ASSETS, MISTRAL_SPM, TEKKEN
+
+TARGET_RATIO = 0.5   # issue 4: xtok <= half of the best anchor's bytes per position (equal k, equal content)
 
 
-def _kl_cond(top_exact, top_rec):
-    """KL between the top-k distributions renormalised (independent of how the tail is kept)."""
-    a = top_exact - np.logaddexp.reduce(top_exact, 1, keepdims=True)
-    b = top_rec - np.logaddexp.reduce(top_rec, 1, keepdims=True)
-    return (np.exp(a) * (a - b)).sum(1)
+# ------------------------------------------------------------------------------------------
+# teachers
+# ------------------------------------------------------------------------------------------
 
 
-def _kl_buckets(top_exact, tail_exact, top_rec, tail_rec):
-    p = np.concatenate([np.exp(top_exact), tail_exact[:, None]], 1)
-    q = np.concatenate([np.exp(top_rec), tail_rec[:, None]], 1)
-    return (p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300)))).sum(1)
+def _texts_shakespeare(n_chars: int, chunk: int):
+    p = ASSETS / "corpora" / "tinyshakespeare.txt"
+    if p.exists():
+        src = p.read_text(encoding="utf-8")[:n_chars]
+    else:
+        import inspect
+        import json as _j
+
+        src = (inspect.getsource(_j.decoder) * 4)[:n_chars]
+    return [src[i: i + chunk] for i in range(0, len(src) - chunk + 1, chunk)]
 
 
-def _teacher(tmp_path):
-    """(model dir, tokenizer spec or None, texts, name)."""
-    m = ASSETS / "models" / "stories260K"
-    c = ASSETS / "corpora" / "tinystories_sample.txt"
-    if m.exists() and c.exists():
+def _teacher(name: str, tmp_path):
+    """(model dir, tokenizer spec or None, texts, description)."""
+    if name == "stories260K":
+        m = ASSETS / "models" / "stories260K"
+        c = ASSETS / "corpora" / "tinystories_sample.txt"
+        if not (m.exists() and c.exists()):
+            pytest.skip("stories260K / tinystories assets not present")
         texts = [t for t in c.read_text(encoding="utf-8").split("\n") if t.strip()]
-        return m, None, texts, "stories260K/tinystories"
+        return m, None, texts, "stories260K (trained) / TinyStories"
     from transformers import LlamaConfig, LlamaForCausalLM
-    import inspect, json as _j  # noqa: E401
 
+    from xtok.tokens import load_tokenizer
+
+    V = load_tokenizer(TEKKEN).vocab_size
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     mdl = LlamaForCausalLM(cfg)
     with torch.no_grad():
-        mdl.lm_head.weight.mul_(60)
-    mdl.save_pretrained(tmp_path / "rnd")
-    src = inspect.getsource(_j.decoder)
-    return tmp_path / "rnd", MISTRAL_SPM, [src[i: i + 600] for i in range(0, len(src), 600)], "random-llama-32k/python"
+        mdl.lm_head.weight.mul_(40.0)
+    mdl.save_pretrained(tmp_path / "tekken-llama")
+    return tmp_path / "tekken-llama", TEKKEN, _texts_shakespeare(6000, 300), "random Llama x40 / tinyshakespeare"
 
 
-@pytest.mark.parametrize("k", [8, 32])
-def test_bytes_per_position_vs_anchors(tmp_path, k):
-    from transformers import AutoModelForCausalLM
+# ------------------------------------------------------------------------------------------
+# layouts: byte counts with the same container and codec for all
+# ------------------------------------------------------------------------------------------
 
-    from xtok.extract import ExtractConfig, extract
-    from xtok.store import TeacherStore, pack_ids
-    from xtok.tokens import load_tokenizer
 
-    mdir, tok_spec, texts, name = _teacher(tmp_path)
-    ds = tmp_path / "d.jsonl"
-    ds.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    extract(ExtractConfig(model=str(mdir), tokenizer=tok_spec, dataset=str(ds), output=str(tmp_path / "s"), top_k=k,
-                          progress=False))
-    st = TeacherStore(tmp_path / "s")
-    tok = load_tokenizer(tok_spec or str(mdir))
-    V = tok.vocab_size
-    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
-    n_pos, nemo_bytes, kl = 0, 0, {"xtok": [], "nemo": [], "0seba": [], "xtok_c": [], "0seba_c": []}
-    for ex in st:
+def _parquet_bytes(rows: list[dict]) -> tuple[int, int]:
+    """(raw, zstd) bytes of `rows` (dicts of bytes/str/int) written like a store shard: parquet, zstd 6,
+    no dictionary, no statistics, ~2 MB row groups. raw = sum of the values' own sizes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    raw = 0
+    for v in rows:
+        for x in v.values():
+            raw += len(x.encode("utf-8")) + 1 if isinstance(x, str) else (len(x) if isinstance(x, bytes) else 4)
+    avg = max(1, table.nbytes // max(1, len(rows)))
+    rg = int(max(1, min(len(rows), (1 << 21) // avg)))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", compression_level=6, row_group_size=rg, use_dictionary=False,
+                   write_statistics=False)
+    return raw, len(sink.getvalue())
+
+
+_XTOK_PAYLOAD = ("n_positions", "position_runs", "topk_ids", "topk_codes", "n_kept", "tail_mass", "target_logprob",
+                 "word_start_mass", "tail_ids", "tail_none")
+
+
+def _xtok_rows(store) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in store._files:
+        rows += pq.read_table(store.io.p(f), columns=list(_XTOK_PAYLOAD)).to_pylist()
+    return rows
+
+
+def _u16_minmax(x: np.ndarray):
+    """0seba/logits quantisation: uint16 linear between the row's float32 min and max."""
+    lo = x.min(1).astype(np.float32)
+    hi = x.max(1).astype(np.float32)
+    span = np.maximum(hi.astype(np.float64) - lo, 1e-30)
+    q = np.rint((x - lo[:, None]) / span[:, None] * 65535).clip(0, 65535).astype("<u2")
+    deq = q.astype(np.float64) / 65535 * span[:, None] + lo.astype(np.float64)[:, None]
+    return q, lo, hi, deq
+
+
+def _kl_bucket(p_top, p_tail, q_top, q_tail):
+    p = np.concatenate([p_top, p_tail[:, None]], 1)
+    q = np.concatenate([q_top, q_tail[:, None]], 1)
+    t = np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), 0.0)
+    return t.sum(1)
+
+
+def _kl_cond(p_top, q_top):
+    a = p_top / p_top.sum(1, keepdims=True)
+    b = q_top / q_top.sum(1, keepdims=True)
+    t = np.where(a > 0, a * (np.log(np.maximum(a, 1e-300)) - np.log(np.maximum(b, 1e-300))), 0.0)
+    return t.sum(1)
+
+
+def _anchor_q(logits_stored, lse_stored):
+    q = np.exp(logits_stored - lse_stored[:, None])
+    tail = np.maximum(1.0 - q.sum(1), 1e-12)
+    z = q.sum(1) + tail
+    return q / z[:, None], tail / z
+
+
+def _measure(store, model, V, k, m):
+    """Per layout: raw and zstd bytes per position, KL_bucket and KL_cond per position."""
+    from xtok.store import pack_ids
+
+    kl = {n: ([], []) for n in ("xtok", "nemo", "0seba")}
+    nemo_rows, seba_rows, seba_ids_rows = [], [], []
+    n_pos, cover = 0, []
+    for ex in store:
         with torch.no_grad():
             logits = model(torch.as_tensor(ex.input_ids, dtype=torch.long)[None]).logits[0, :, :V].double()
         logits = logits[torch.as_tensor(ex.positions, dtype=torch.long)]
-        lse = torch.logsumexp(logits, -1).numpy()
-        lp = torch.log_softmax(logits, -1).numpy()
-        order = np.argsort(-lp, 1)[:, :k]
-        top = np.take_along_axis(lp, order, 1)
-        tail = 1 - np.exp(top).sum(1)
-        top_logits = np.take_along_axis(logits.numpy(), order, 1)
-        n_pos += len(ex.positions)
-        # xtok: what the store gives back
-        kl["xtok"].append(_kl_buckets(top, tail, ex.topk_logprobs.astype(np.float64), ex.tail_mass.astype(np.float64)))
-        kl["xtok_c"].append(_kl_cond(top, ex.topk_logprobs.astype(np.float64)))
-        # NeMo-Aligner style JSONL: float32 logits, ids, lse per position
-        f32 = top_logits.astype(np.float32)
-        lse32 = lse.astype(np.float32)
-        line = json.dumps({"topk_logits": f32.tolist(), "topk_token_ids": order.tolist(), "log_sum_exp": lse32.tolist()})
-        nemo_bytes += len(line) + 1
-        rec = f32.astype(np.float64) - lse32.astype(np.float64)[:, None]
-        kl["nemo"].append(_kl_buckets(top, tail, rec, np.maximum(1 - np.exp(rec).sum(1), 1e-6)))
-        # 0seba/logits style: fp16 logits + 18-bit ids + 24 samples (+ fp32 lse)
-        f16 = top_logits.astype(np.float16).astype(np.float64)
-        rec = f16 - lse32.astype(np.float64)[:, None]
-        kl["0seba"].append(_kl_buckets(top, tail, rec, np.maximum(1 - np.exp(rec).sum(1), 1e-6)))
-        kl["0seba_c"].append(_kl_cond(top, rec))
-    seba_bpp = 2 * k + len(pack_ids(np.zeros(k, np.int64), 200000)) + len(pack_ids(np.zeros(24, np.int64), 200000)) + 4
-    disk = sum(os.path.getsize(tmp_path / "s" / f) for f in st._files)
-    payload = (k - 1) + len(pack_ids(np.zeros(k, np.int64), V)) + 4 + 2 + 2
-    kls = {n: np.concatenate(v) for n, v in kl.items()}
-    report(f"store_bytes k={k} [{name}, V={V}, {n_pos} positions]",
-           xtok_disk_B_per_pos=disk / n_pos, xtok_raw_payload_B_per_pos=float(payload),
-           nemo_jsonl_B_per_pos=nemo_bytes / n_pos, seba_B_per_pos=float(seba_bpp),
-           ratio_vs_best_anchor=disk / n_pos / min(seba_bpp, nemo_bytes / n_pos),
-           kl_xtok_mean=float(kls["xtok"].mean()), kl_xtok_max=float(kls["xtok"].max()),
-           kl_nemo_mean=float(kls["nemo"].mean()), kl_0seba_mean=float(kls["0seba"].mean()),
-           kl_0seba_max=float(kls["0seba"].max()), klcond_xtok_mean=float(kls["xtok_c"].mean()),
-           klcond_0seba_mean=float(kls["0seba_c"].mean()))
-    assert kls["xtok"].mean() < 1e-3
+        lse = torch.logsumexp(logits, -1)
+        lp = (logits - lse[:, None])
+        ids = torch.as_tensor(ex.topk_ids, dtype=torch.long)
+        p_top = lp.gather(1, ids).exp()
+        rest = lp.exp().scatter(1, ids, 0.0)
+        p_tail = rest.sum(1).numpy()            # exact tail mass, summed directly (no 1 - sum cancellation)
+        p_top = p_top.numpy()
+        lg = logits.gather(1, ids).numpy()
+        lse = lse.numpy()
+        n_pos += lg.shape[0]
+        cover.append(1 - p_tail)
+        # xtok: what the reader returns
+        q = np.exp(ex.topk_logprobs.astype(np.float64))
+        kl["xtok"][0].append(_kl_bucket(p_top, p_tail, q, ex.tail_mass.astype(np.float64)))
+        kl["xtok"][1].append(_kl_cond(p_top, q))
+        # NeMo-Aligner JSONL
+        f32, lse32 = lg.astype(np.float32), lse.astype(np.float32)
+        nemo_rows.append({"line": json.dumps({"topk_logits": f32.tolist(), "topk_token_ids": ex.topk_ids.tolist(),
+                                              "log_sum_exp": lse32.tolist()})})
+        qn, tn = _anchor_q(f32.astype(np.float64), lse32.astype(np.float64))
+        kl["nemo"][0].append(_kl_bucket(p_top, p_tail, qn, tn))
+        kl["nemo"][1].append(_kl_cond(p_top, qn))
+        # 0seba/logits
+        qq, lo, hi, deq = _u16_minmax(lg)
+        row = {"top_indices": pack_ids(ex.topk_ids, V), "top_logits_quantized": qq.tobytes(),
+               "top_min": lo.astype("<f4").tobytes(), "top_max": hi.astype("<f4").tobytes(),
+               "logsumexp": lse32.astype("<f4").tobytes()}
+        qs, ts = _anchor_q(deq, lse32.astype(np.float64))
+        kl["0seba"][0].append(_kl_bucket(p_top, p_tail, qs, ts))
+        kl["0seba"][1].append(_kl_cond(p_top, qs))
+        if m:
+            tid = np.where(ex.tail_ids < 0, 0, ex.tail_ids).astype(np.int64)
+            row_ids = dict(row, sampled_indices=pack_ids(tid, V))
+            sl = logits.gather(1, torch.as_tensor(tid)).numpy()
+            sq, slo, shi, _ = _u16_minmax(sl)
+            seba_ids_rows.append(row_ids)
+            seba_rows.append(dict(row_ids, sampled_logits_quantized=sq.tobytes(),
+                                  sampled_min=slo.astype("<f4").tobytes(), sampled_max=shi.astype("<f4").tobytes()))
+        else:
+            seba_rows.append(row)
+    out = {}
+    xrows = _xtok_rows(store)
+    out["xtok"] = _parquet_bytes(xrows)
+    # the same content as the anchors hold: without the realised token's log-prob and the word-start mass
+    out["xtok-same"] = _parquet_bytes([{c: v for c, v in r.items() if c not in ("target_logprob", "word_start_mass")}
+                                       for r in xrows])
+    if not m:
+        out["nemo"] = _parquet_bytes(nemo_rows)
+        out["0seba"] = _parquet_bytes(seba_rows)
+    else:
+        out["0seba"] = _parquet_bytes(seba_rows)
+        out["0seba-ids"] = _parquet_bytes(seba_ids_rows)
+    kls = {n: (np.concatenate(a), np.concatenate(b)) for n, (a, b) in kl.items()}
+    disk = sum(os.path.getsize(store.io.p(f)) for f in store._files)
+    return n_pos, out, kls, disk, float(np.concatenate(cover).mean())
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmark
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher", ["stories260K", "tekken131k"])
+def test_bytes_and_fidelity_vs_anchors(tmp_path, teacher):
+    from transformers import AutoModelForCausalLM
+
+    from xtok.extract import ExtractConfig, extract
+    from xtok.store import TeacherStore
+    from xtok.tokens import load_tokenizer
+
+    mdir, tok_spec, texts, desc = _teacher(teacher, tmp_path)
+    ds = tmp_path / "d.jsonl"
+    ds.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    V = load_tokenizer(tok_spec or str(mdir)).vocab_size
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+    lines, results = [], []
+    for k in (8, 32):
+        for m in (0, 24):
+            out = tmp_path / f"s{k}-{m}"
+            extract(ExtractConfig(model=str(mdir), tokenizer=tok_spec, dataset=str(ds), output=str(out), top_k=k,
+                                  sample_tail=m, progress=False))
+            st = TeacherStore(out)
+            n_pos, sizes, kls, disk, cover = _measure(st, model, V, k, m)
+            anchors = {n: v for n, v in sizes.items() if not n.startswith("xtok")}
+            best = min(anchors, key=lambda n: anchors[n][1])
+            ratio_z = sizes["xtok-same"][1] / anchors[best][1]
+            ratio_raw = sizes["xtok-same"][0] / min(v[0] for v in anchors.values())
+            fid_anchor = "nemo" if best == "nemo" else "0seba"
+            res = dict(k=k, m=m, n_pos=n_pos, best=best, ratio_zstd=ratio_z, ratio_raw=ratio_raw,
+                       ratio_zstd_all_columns=sizes["xtok"][1] / anchors[best][1],
+                       ratio_zstd_vs_nemo=sizes["xtok"][1] / anchors["nemo"][1] if "nemo" in anchors else None,
+                       kl_bucket_xtok=float(kls["xtok"][0].mean()), kl_bucket_best=float(kls[fid_anchor][0].mean()),
+                       kl_cond_xtok=float(kls["xtok"][1].mean()), kl_cond_best=float(kls[fid_anchor][1].mean()))
+            results.append(res)
+            lines.append(f"k={k:<3} m={m:<3} top-k mass {cover:.3f}, {n_pos} positions; xtok on disk (with text, "
+                         f"ids, keys) {disk / n_pos:.1f} B/pos")
+            for name, (raw, z) in sizes.items():
+                kn = "0seba" if name.startswith("0seba") else "xtok" if name.startswith("xtok") else name
+                b, c = kls[kn]
+                lines.append(f"    {name:<10} raw {raw / n_pos:7.1f} B/pos  zstd {z / n_pos:7.1f} B/pos   "
+                             f"KL_bucket mean {b.mean():.2e} max {b.max():.2e}   KL_cond mean {c.mean():.2e} "
+                             f"max {c.max():.2e}")
+            lines.append(f"    xtok-same / best anchor ({best}): zstd {ratio_z:.2f}, raw {ratio_raw:.2f} "
+                         f"(target <= {TARGET_RATIO}: {'met' if ratio_z <= TARGET_RATIO else 'MISSED'}); fidelity vs "
+                         f"{fid_anchor}: KL_bucket x{res['kl_bucket_xtok'] / max(res['kl_bucket_best'], 1e-300):.3g}, "
+                         f"KL_cond x{res['kl_cond_xtok'] / max(res['kl_cond_best'], 1e-300):.3g} "
+                         f"({'met' if res['kl_bucket_xtok'] <= res['kl_bucket_best'] else 'MISSED'})")
+            # the store's own documented bound holds regardless of the comparison
+            assert kls["xtok"][0].max() < 2e-3
+    print(f"\n[xtok-bench] store bytes and fidelity, {desc}, V={V}:\n" + "\n".join(lines), flush=True)
+    for r in results:
+        report(f"store_vs_anchors {teacher} k={r['k']} m={r['m']}",
+               **{k: v for k, v in r.items() if k not in ("k", "m") and v is not None})
+    # What holds (docs/formats.md, "Bytes per position"), asserted: xtok (all its columns) <= half of the
+    # NeMo-Aligner layout, zstd against zstd; xtok's KL_bucket within its documented figures.
+    # What does NOT hold, reported above and in docs/formats.md, not asserted: <= half of the 0seba/logits
+    # layout (measured 0.51-0.86 at the same content), and "at equal or better fidelity" against either
+    # anchor (their logits are float32 / uint16; xtok's log-probs are uint8, as the issue's <= 1 byte per
+    # entry asks). The last assert guards the measured 0seba ratio against regressions only.
+    for r in results:
+        if r["ratio_zstd_vs_nemo"] is not None:
+            assert r["ratio_zstd_vs_nemo"] <= TARGET_RATIO, r
+        assert r["kl_bucket_xtok"] < 6e-5, r
+        assert r["ratio_zstd"] <= 0.9, r
+
+
+# ------------------------------------------------------------------------------------------
+# extraction overhead
+# ------------------------------------------------------------------------------------------
 
 
 def test_extraction_overhead_vs_bare_forward(tmp_path):
+    """CPU time (process_time, one thread) of the extraction loop versus a bare HF forward with full
+    logits over the same length-sorted batches. The loop's CPU time = extract() on a fresh output minus
+    extract() re-run on the finished store (a no-op that pays the same set-up: dataset, tokenizer,
+    model loading, model hash, merge)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from xtok.extract import ExtractConfig, _batches, extract
     from xtok.tokens import load_tokenizer
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     mdl = LlamaForCausalLM(cfg).eval()
     mdl.save_pretrained(tmp_path / "m")
     tok = load_tokenizer(MISTRAL_SPM)
-    p = ASSETS / "corpora" / "tinyshakespeare.txt"
-    if p.exists():
-        src = p.read_text(encoding="utf-8")[:60000]
-    else:
-        import inspect, json as _j  # noqa: E401
-        src = inspect.getsource(_j.decoder) * 6
-    texts = [src[i: i + 700] for i in range(0, len(src) - 700, 700)][:32]
+    texts = _texts_shakespeare(60000, 700)[:48]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     budget = 4096
     ids = [np.concatenate([[tok.bos_id], tok.encode(t)]) for t in texts]
     lens = np.array([len(x) for x in ids])
-    # bare forward: HF forward with full logits over the same length-sorted batches
-    t_bare = []
-    for rep in range(2):
-        t0 = time.perf_counter()
+
+    def bare():
+        t0 = time.process_time()
         for b in _batches(lens, budget):
             T = lens[b].max()
             x = np.zeros((len(b), T), np.int64)
@@ -156,13 +329,30 @@ def test_extraction_overhead_vs_bare_forward(tmp_path):
                 a[r, : lens[i]] = 1
             with torch.inference_mode():
                 mdl(input_ids=torch.as_tensor(x), attention_mask=torch.as_tensor(a)).logits.float()
-        t_bare.append(time.perf_counter() - t0)
-    t_ext = []
-    for rep in range(2):
-        res = extract(ExtractConfig(model=str(tmp_path / "m"), tokenizer=MISTRAL_SPM, dataset=str(tmp_path / "d.jsonl"),
-                                    output=str(tmp_path / f"s{rep}"), top_k=32, token_budget=budget, progress=False,
-                                    shard_size=64))
-        t_ext.append(res["stats"]["seconds"])
-    bare, ext = min(t_bare), min(t_ext)
-    report(f"extract_overhead [CPU {torch.get_num_threads()} threads, llama h256 L4 V32k, {int(lens.sum())} tokens]",
-           bare_forward_s=bare, extract_s=ext, overhead=ext / bare - 1, tokens_per_s=float(lens.sum() / ext))
+        return time.process_time() - t0
+
+    def ext(out):
+        c = ExtractConfig(model=str(tmp_path / "m"), tokenizer=MISTRAL_SPM, dataset=str(tmp_path / "d.jsonl"),
+                          output=str(out), top_k=32, token_budget=budget, progress=False, shard_size=64)
+        t0 = time.process_time()
+        extract(c)
+        return time.process_time() - t0
+
+    bare(), ext(tmp_path / "warm")  # warm-up: first-call imports, caches, numba compilation
+    reps = 3
+    t_bare, t_ext, t_setup = [], [], []
+    for rep in range(reps):  # interleaved, so that a load change on the machine hits all three alike
+        t_bare.append(bare())
+        t_ext.append(ext(tmp_path / f"s{rep}"))
+        t_setup.append(ext(tmp_path / f"s{rep}"))   # no-op re-run: set-up + merge only
+    loop = np.array(t_ext) - np.array(t_setup)
+    over = loop / np.array(t_bare) - 1
+    report(f"extract_overhead [CPU time, 1 thread, llama h256 L4 V32k, {int(lens.sum())} tokens, {reps} reps]",
+           bare_forward_cpu_s=float(np.median(t_bare)), extract_loop_cpu_s=float(np.median(loop)),
+           setup_cpu_s=float(np.median(t_setup)), overhead_median=float(np.median(over)),
+           overhead_min=float(over.min()), overhead_max=float(over.max()),
+           tokens_per_cpu_s=float(lens.sum() / np.median(loop)))
+    # The issue's target (<= 10 %) is NOT met on this CPU set-up (measured ~25 %, docs/formats.md): with a
+    # 256-wide body the output matmul is small next to the per-vocab-entry passes (top-k, exp, sums) that a
+    # bare forward does not do. Not asserted; this guards against regressions only.
+    assert np.median(over) <= 0.5, over

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from xtok.store import (QSTEP, StoreError, StoreWriter, TeacherStore, dequantize_logprobs, encode_example,
-                        example_key, pack_ids, quantize_logprobs, unpack_ids)
+                        example_key, merge_manifests, pack_ids, quantize_logprobs, unpack_ids)
 
 
 @pytest.mark.parametrize("V", [512, 65536, 65537, 131072, 262144, 300000])
@@ -156,17 +156,112 @@ def test_crash_repair_orphan_shard_and_temp_files(tmp_path):
     rows1, _ = _rows(rng, 3, V, k, 0, start=3)
     w.write_shard(0, rows0)
     w.write_shard(1, rows1)
-    # simulate a kill after shard 1's rename but before its part update, plus a half-written temp file
-    part = tmp_path / "s" / "parts" / "r000of001.json"
-    d = json.loads(part.read_text())
-    del d["shards"]["00001"]
-    part.write_text(json.dumps(d))
+    # a kill -9 here: no finish; plus half-written temporary files of a shard and of the part, and the
+    # part file itself gone (a kill before it was first written)
     (tmp_path / "s" / "shards" / "r000of001-00002.parquet.tmp-dead").write_bytes(b"partial")
+    (tmp_path / "s" / "parts" / "r000of001.json.tmp-dead").write_bytes(b"{")
+    (tmp_path / "s" / "parts" / "r000of001.json").unlink()
     w2 = StoreWriter(tmp_path / "s", _header(V, k, 0))
     assert w2.committed() == {0, 1}
-    assert not any(".tmp-" in n for n in os.listdir(tmp_path / "s" / "shards"))
+    assert not any(".tmp-" in n for d in ("shards", "parts") for n in os.listdir(tmp_path / "s" / d))
     man = w2.finish()
     assert [k_ for s in man["shards"] for k_ in s["keys"]] == [f"ex{i}" for i in range(6)]
+    assert [s["n"] for s in man["shards"]] == [3, 3]
+
+
+def test_orphan_shard_of_other_settings_is_refused(tmp_path):
+    """A shard renamed into place before any part or manifest existed (kill right after the first
+    shard) records its own settings; a writer with other settings refuses it (or wipes it with
+    overwrite) instead of adopting data it cannot decode."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    V = 1000
+    s = tmp_path / "s"
+    w8 = StoreWriter(s, _header(V, 8, 0))
+    w8.write_shard(0, _rows(rng, 3, V, 8, 0)[0])
+    for f in (s / "parts").iterdir():
+        f.unlink()
+    (s / "shards" / "r000of001-00001.parquet.tmp-dead").write_bytes(b"partial")
+    with pytest.raises(StoreError, match=r"different settings.*shards/r000of001-00000.parquet differs in: top_k"):
+        StoreWriter(s, _header(V, 16, 0))
+    assert sorted(os.listdir(s / "shards")) == ["r000of001-00000.parquet", "r000of001-00001.parquet.tmp-dead"]
+    # the same settings adopt it (and clean the temporary file)
+    w8b = StoreWriter(s, _header(V, 8, 0))
+    assert w8b.committed() == {0} and os.listdir(s / "shards") == ["r000of001-00000.parquet"]
+    # other settings with overwrite: everything is replaced and the store reads back with the new k
+    w16 = StoreWriter(s, _header(V, 16, 0), overwrite=True)
+    assert w16.committed() == set() and os.listdir(s / "shards") == []
+    rows, ref = _rows(rng, 2, V, 16, 0)
+    w16.write_shard(0, rows)
+    w16.finish()
+    ex = TeacherStore(s)[0]
+    assert ex.topk_ids.shape == (len(ref[0]["pos"]), 16) and np.array_equal(ex.topk_ids, ref[0]["order"])
+    # a shard that records no settings (older xtok) is refused too
+    t = pa.Table.from_pylist(_rows(rng, 1, V, 16, 0)[0])
+    pq.write_table(t, s / "shards" / "r000of001-00001.parquet")
+    with pytest.raises(StoreError, match="older xtok"):
+        StoreWriter(s, _header(V, 16, 0))
+    # an unreadable shard is named, not a traceback
+    (s / "shards" / "r000of001-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="r000of001-00001.parquet: cannot read this shard"):
+        StoreWriter(s, _header(V, 16, 0))
+    # ... and so is an unreadable part file; overwrite replaces both
+    (s / "parts" / "r000of001.json").write_text("{")
+    with pytest.raises(StoreError, match="r000of001.json: unreadable"):
+        StoreWriter(s, _header(V, 16, 0))
+    assert StoreWriter(s, _header(V, 16, 0), overwrite=True).committed() == set()
+    assert os.listdir(s / "shards") == [] and not (s / "manifest.json").exists()
+
+
+def test_shard_commit_writes_only_the_shard(tmp_path, monkeypatch):
+    """Committing a shard is O(shard): one atomic write of the shard itself, of the same size for the
+    first and the last shard (no per-rank file that grows with every key so far)."""
+    import xtok.store as store_mod
+
+    writes = []
+    orig = store_mod._IO.write_atomic
+    monkeypatch.setattr(store_mod._IO, "write_atomic", lambda self, rel, data: (writes.append((rel, len(data))),
+                                                                                orig(self, rel, data))[1])
+    rng = np.random.default_rng(4)
+    V, k, n_shards = 1000, 4, 40
+    rows, _ = _rows(rng, 4, V, k, 0)
+    w = StoreWriter(tmp_path / "s", _header(V, k, 0))
+    before = len(writes)
+    for j in range(n_shards):
+        w.write_shard(j, [dict(r, key=f"ex{4 * j + i:06d}") for i, r in enumerate(rows)])
+    during = writes[before:]
+    assert [rel for rel, _ in during] == [f"shards/r000of001-{j:05d}.parquet" for j in range(n_shards)]
+    sizes = np.array([n for _, n in during])
+    assert sizes.max() - sizes.min() <= 16
+    man = w.finish()
+    assert [rel for rel, _ in writes[before + n_shards:]] == ["parts/r000of001.json", "manifest.json"]
+    assert [key for s in man["shards"] for key in s["keys"]] == [f"ex{i:06d}" for i in range(4 * n_shards)]
+    part = json.loads((tmp_path / "s" / "parts" / "r000of001.json").read_text())
+    assert "keys" not in part["shards"]["00000"] and part["shards"]["00039"]["n"] == 4
+
+
+def test_rerun_on_finished_store_is_noop(tmp_path):
+    rng = np.random.default_rng(6)
+    V, k = 1000, 4
+    s = tmp_path / "s"
+    w = StoreWriter(s, _header(V, k, 0))
+    w.write_shard(0, _rows(rng, 3, V, k, 0)[0], {"too_long": 1})
+    w.write_shard(1, _rows(rng, 2, V, k, 0, start=3)[0])
+    w.finish({"duplicates": 2})
+    before = (s / "manifest.json").read_bytes()
+    w2 = StoreWriter(s, _header(V, k, 0))
+    assert w2.committed() == {0, 1}
+    man = w2.finish({"duplicates": 2})
+    assert (s / "manifest.json").read_bytes() == before
+    assert man["skipped"] == {"too_long": 1} and man["n_examples"] == 5 and man["stats"] == {"duplicates": 2}
+    with pytest.raises(StoreError, match="manifest.json differs in: temperature"):
+        StoreWriter(s, dict(_header(V, k, 0), temperature=2.0))
+    # a shard lost after the run: the merge names it instead of writing a manifest that points nowhere
+    (s / "shards" / "r000of001-00001.parquet").unlink()
+    with pytest.raises(StoreError, match="r000of001-00001.parquet: cannot read the shard's keys"):
+        merge_manifests(s)
 
 
 def test_errors(tmp_path):

@@ -3,12 +3,15 @@
 Layout of a store at PATH (a local folder or any fsspec URL):
 
     PATH/manifest.json                     merged manifest (written last; its presence = store complete)
-    PATH/parts/r{rank}of{N}.json           one per writer rank: its committed shards (updated after each shard)
-    PATH/shards/r{rank}of{N}-{j:05d}.parquet   zstd parquet, one row per example
+    PATH/parts/r{rank}of{N}.json           one per writer rank: header + complete flag (+ shard files and counts
+                                           when complete); written when the writer opens and when it finishes
+    PATH/shards/r{rank}of{N}-{j:05d}.parquet   zstd parquet, one row per example; its schema metadata holds the
+                                           writer's header and the shard's record (rank, world, j, n, skip counts)
 
-Every shard is written to a temporary name and renamed into place (atomic), then the rank's part
-manifest is rewritten the same way. A shard file that exists is complete; a crash between the
-rename and the part update is repaired on resume (the shard is adopted from its own key column).
+Every shard is written to a temporary name and renamed into place (atomic): that rename is the whole
+commit (O(shard) bytes). A shard file that exists is complete and says with which settings it was made,
+so a resumed writer adopts exactly the shards of its own settings and refuses others. The merge reads
+the example keys from the shards' `key` columns.
 
 Per example (see docs/formats.md for the byte layout and the error bounds):
 
@@ -355,47 +358,100 @@ def _json_bytes(obj) -> bytes:
 
 class StoreWriter:
     """Writes the shards of one rank. `header`: manifest fields shared by all ranks (format, model,
-    tokenizer hash, options, dataset fingerprint...). Resuming: `committed()` names the shards already
-    complete; `write_shard(j, rows)` commits shard j atomically and then updates this rank's part."""
+    tokenizer hash, options, dataset fingerprint...).
+
+    Each shard is self-describing: its parquet schema metadata holds the writer's header and the shard's
+    own record (rank, world, j, n, skip counts), and it is committed by one atomic rename. Committing a
+    shard writes nothing else (O(shard) bytes; no growing per-rank file). The part file
+    parts/r{rank}of{N}.json is written when the writer opens (header, complete = false) and by
+    `finish()` (complete, shard list with counts); `merge_manifests` reads the example keys from the
+    shards' `key` columns. Resuming: `committed()` names the shards present whose header equals this
+    writer's; a shard of other settings is refused (or wiped with overwrite=True) like a part or
+    manifest of other settings."""
 
     def __init__(self, path, header: dict, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.io = _IO(path)
-        self.header = dict(header, format_version=FORMAT_VERSION)
         self.rank, self.world = int(rank), int(world)
+        try:  # normalised through JSON: what is compared on resume is what was stored
+            self.header = json.loads(json.dumps(dict(header, format_version=FORMAT_VERSION, world=self.world)))
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{self.io.url}: the store header is not JSON-serialisable ({e}).") from None
         self.tag = f"r{self.rank:03d}of{self.world:03d}"
+        self.part_rel = f"parts/{self.tag}.json"
         self.io.makedirs()
         self.io.makedirs("shards")
         self.io.makedirs("parts")
-        if self.io.exists("manifest.json") or self.io.listdir("parts"):
-            self._check_compatible(overwrite)
-        self.part_rel = f"parts/{self.tag}.json"
-        self.part = {"rank": self.rank, "world": self.world, "complete": False, "shards": {},
-                     "skipped": {}, "header": self.header}
-        if self.io.exists(self.part_rel):
-            old = json.loads(self.io.read_bytes(self.part_rel))
-            self.part["shards"] = old.get("shards", {})
-            self.part["skipped"] = old.get("skipped", {})
-        self._adopt_orphans()
+        self._check_compatible(overwrite)
+        for d in ("shards", "parts"):  # this rank's leftover temporary files (a kill during a write)
+            for name in self.io.listdir(d):
+                if ".tmp-" in name and name.startswith(self.tag):
+                    self.io.remove(f"{d}/{name}")
+        self._shards: dict[int, dict] = {}
+        for name in self.io.listdir("shards"):
+            j = self._own_index(name)
+            if j is not None:
+                meta = self._shard_meta[name] if name in self._shard_meta else _shard_meta(self.io, f"shards/{name}")[1]
+                self._shards[j] = {"file": f"shards/{name}", "n": int(meta["n"]), "skipped": meta.get("skipped") or {}}
+        self._write_part(complete=False)
+
+    # -- settings check ----------------------------------------------------------------------
+    def _own_index(self, name: str) -> int | None:
+        if not name.startswith(self.tag + "-") or ".tmp-" in name or not name.endswith(".parquet"):
+            return None
+        j = name[len(self.tag) + 1: -len(".parquet")]
+        return int(j) if j.isdigit() else None
+
+    def _diff(self, h: dict) -> list[str]:
+        return sorted(k for k in set(h) | set(self.header) if h.get(k) != self.header.get(k)
+                      and k not in ("created", "xtok_version"))
 
     def _check_compatible(self, overwrite: bool):
-        heads = []
+        """Compare this writer's header with everything already at the path: the manifest, every part,
+        and the headers recorded in the shards (all of this rank's, one per other rank tag)."""
+        self._shard_meta: dict[str, dict] = {}
+        found: list[tuple[str, dict]] = []
+
+        def read(rel):  # an unreadable manifest/part counts as other settings under overwrite
+            try:
+                return _read_json(self.io, rel)
+            except StoreError:
+                if overwrite:
+                    return {"header": {"damaged": True}, "damaged": True}
+                raise
+
         if self.io.exists("manifest.json"):
             # the manifest is the shared header plus the merged fields (see merge_manifests)
-            man = json.loads(self.io.read_bytes("manifest.json"))
-            heads.append({k: v for k, v in man.items() if k not in _MERGED_FIELDS})
+            man = read("manifest.json")
+            found.append(("manifest.json", {k: v for k, v in man.items() if k not in _MERGED_FIELDS}))
         for name in self.io.listdir("parts"):
-            if name.endswith(".json"):
-                heads.append(json.loads(self.io.read_bytes(f"parts/{name}")).get("header", {}))
-        for h in heads:
-            diff = sorted(k for k in set(h) | set(self.header) if h.get(k) != self.header.get(k)
-                          and k not in ("created", "xtok_version"))
-            if diff:
-                if overwrite:
-                    self._wipe()
-                    return
-                raise StoreError(
-                    f"{self.io.url}: a store made with different settings is already there (differs in: "
-                    f"{', '.join(diff)}). Use a new --output, or --overwrite to replace it.")
+            if name.endswith(".json") and ".tmp-" not in name:
+                found.append((f"parts/{name}", read(f"parts/{name}").get("header", {})))
+        seen_tags = set()
+        for name in self.io.listdir("shards"):
+            if ".tmp-" in name or not name.endswith(".parquet"):
+                continue
+            tag = name.split("-", 1)[0]
+            own = self._own_index(name) is not None
+            if not own and tag in seen_tags:
+                continue
+            seen_tags.add(tag)
+            h, meta = _shard_meta(self.io, f"shards/{name}", damaged_ok=overwrite)
+            if own and meta is not None:
+                self._shard_meta[name] = meta
+            found.append((f"shards/{name}", h))
+        for where, h in found:
+            diff = self._diff(h)
+            if not diff:
+                continue
+            if overwrite:
+                self._wipe()
+                self._shard_meta = {}
+                return
+            what = ("format_version (written by an older xtok that records no settings in its shards)"
+                    if not h else ", ".join(diff))
+            raise StoreError(
+                f"{self.io.url}: a store made with different settings is already there ({where} differs in: "
+                f"{what}). Use a new --output, or --overwrite to replace it.")
 
     def _wipe(self):
         for d in ("shards", "parts"):
@@ -407,36 +463,19 @@ class StoreWriter:
     def shard_rel(self, j: int) -> str:
         return f"shards/{self.tag}-{j:05d}.parquet"
 
-    def _adopt_orphans(self):
-        """Shards renamed into place whose part update did not happen (crash in between): adopt them.
-        Leftover temporary files of this rank are deleted."""
-        changed = False
-        for name in self.io.listdir("shards"):
-            if not name.startswith(self.tag + "-"):
-                continue
-            if ".tmp-" in name:
-                self.io.remove(f"shards/{name}")
-                continue
-            j = name[len(self.tag) + 1:].split(".")[0]
-            if j not in self.part["shards"]:
-                pf = self.io.open_parquet(f"shards/{name}")
-                keys = pf.read(columns=["key"]).column("key").to_pylist()
-                self.part["shards"][j] = {"file": f"shards/{name}", "keys": keys, "n": len(keys)}
-                changed = True
-        for name in self.io.listdir("parts"):
-            if ".tmp-" in name and name.startswith(self.tag):
-                self.io.remove(f"parts/{name}")
-        if changed:
-            self._write_part()
-
     def committed(self) -> set[int]:
-        return {int(j) for j in self.part["shards"]}
+        return set(self._shards)
 
     def write_shard(self, j: int, rows: list[dict], skipped: dict | None = None):
+        """Commit shard j: one parquet file written to a temporary name and renamed into place. Nothing
+        else is written (the shard carries its header, count and skip counts)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(rows, schema=_schema())
+        j = int(j)
+        rec = {"rank": self.rank, "world": self.world, "j": j, "n": len(rows), "skipped": dict(skipped or {})}
+        table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata(
+            {_META_HEADER: json.dumps(self.header, sort_keys=True), _META_SHARD: json.dumps(rec, sort_keys=True)})
         avg = max(1, table.nbytes // max(1, len(rows)))
         rg = int(max(1, min(len(rows), (1 << 21) // avg)))  # ~2 MB row groups: O(1) random access
         sink = pa.BufferOutputStream()
@@ -444,35 +483,58 @@ class StoreWriter:
                        use_dictionary=False, write_statistics=False)
         rel = self.shard_rel(j)
         self.io.write_atomic(rel, sink.getvalue().to_pybytes())
-        self.part["shards"][f"{j:05d}"] = {"file": rel, "keys": [r["key"] for r in rows], "n": len(rows)}
-        if skipped:
-            self.part["skipped"][f"{j:05d}"] = skipped
-        self._write_part()
+        self._shards[j] = {"file": rel, "n": len(rows), "skipped": rec["skipped"]}
 
-    def _write_part(self):
-        self.part["shards"] = dict(sorted(self.part["shards"].items()))
-        self.io.write_atomic(self.part_rel, _json_bytes(self.part))
+    def _write_part(self, complete: bool, stats: dict | None = None):
+        part = {"rank": self.rank, "world": self.world, "complete": bool(complete), "header": self.header}
+        if complete:
+            part["stats"] = stats or {}
+            part["shards"] = {f"{j:05d}": {"file": s["file"], "n": s["n"]} for j, s in sorted(self._shards.items())}
+            part["skipped"] = {f"{j:05d}": s["skipped"] for j, s in sorted(self._shards.items()) if s["skipped"]}
+        self.io.write_atomic(self.part_rel, _json_bytes(part))
 
     def finish(self, stats: dict | None = None) -> dict | None:
-        """Mark this rank complete; merge all parts into manifest.json when every rank is complete.
-        Returns the merged manifest, or None while other ranks are still running."""
-        self.part["complete"] = True
-        if stats:
-            self.part["stats"] = stats
-        self._write_part()
+        """Mark this rank complete (its part lists its shards and counts); merge all parts into
+        manifest.json when every rank is complete. Returns the merged manifest, or None while other
+        ranks are still running."""
+        self._write_part(complete=True, stats=stats)
         return merge_manifests(self.io.url, require_complete=True, quiet=True)
 
 
 # manifest.json = the rank parts' shared header + these fields, written by merge_manifests
 _MERGED_FIELDS = ("n_examples", "skipped", "stats", "shards")
+_META_HEADER = "xtok.header"   # parquet schema metadata of every shard: the writer's header (JSON)
+_META_SHARD = "xtok.shard"     # ... and the shard's record {rank, world, j, n, skipped} (JSON)
+
+
+def _read_json(io: _IO, rel: str) -> dict:
+    try:
+        return json.loads(io.read_bytes(rel))
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{io.url}/{rel}: unreadable ({e}); delete it and re-run the same `xtok extract` "
+                         "command, or use --overwrite.") from None
+
+
+def _shard_meta(io: _IO, rel: str, damaged_ok: bool = False) -> tuple[dict, dict | None]:
+    """(header, shard record) from a shard's parquet footer; ({}, None) when it records none (older xtok)."""
+    try:
+        md = io.open_parquet(rel).schema_arrow.metadata or {}
+        h = md.get(_META_HEADER.encode())
+        s = md.get(_META_SHARD.encode())
+        return (json.loads(h), json.loads(s)) if h is not None and s is not None else ({}, None)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        if damaged_ok:
+            return {"damaged": True}, None
+        raise StoreError(f"{io.url}/{rel}: cannot read this shard ({e}); delete it and re-run the same "
+                         "`xtok extract` command (it redoes missing shards), or use --overwrite.") from None
 
 
 def merge_manifests(path, require_complete: bool = True, quiet: bool = False) -> dict | None:
-    """Merge the rank parts of the store at `path` into manifest.json (atomic). Returns the manifest;
+    """Merge the rank parts of the store at `path` into manifest.json (atomic). The example keys of each
+    shard are read from its `key` column (the parts hold only files and counts). Returns the manifest;
     with quiet=True returns None instead of raising while some rank is missing or incomplete."""
     io = _IO(path)
-    parts = [json.loads(io.read_bytes(f"parts/{n}")) for n in io.listdir("parts")
-             if n.endswith(".json") and ".tmp-" not in n]
+    parts = [_read_json(io, f"parts/{n}") for n in io.listdir("parts") if n.endswith(".json") and ".tmp-" not in n]
     if not parts:
         raise StoreError(f"{io.url}: no parts/*.json; not a teacher store written by `xtok extract`.")
     world = parts[0]["world"]
@@ -486,8 +548,18 @@ def merge_manifests(path, require_complete: bool = True, quiet: bool = False) ->
                          "Run the same `xtok extract` command for them (it resumes).")
     shards, skipped, stats = [], {}, {}
     for p in sorted(parts, key=lambda p: p["rank"]):
-        for j, s in p["shards"].items():
-            shards.append({"file": s["file"], "n": s["n"], "keys": s["keys"]})
+        for j, s in sorted(p.get("shards", {}).items()):
+            keys = s.get("keys")
+            if keys is None:
+                try:
+                    keys = io.open_parquet(s["file"]).read(columns=["key"]).column("key").to_pylist()
+                except Exception as e:  # noqa: BLE001
+                    raise StoreError(f"{io.url}/{s['file']}: cannot read the shard's keys ({e}); delete it and "
+                                     "re-run the same `xtok extract` command.") from None
+            if len(keys) != s["n"]:
+                raise StoreError(f"{io.url}/{s['file']}: {len(keys)} rows but its part says {s['n']}; delete the "
+                                 "shard and re-run the same `xtok extract` command.")
+            shards.append({"file": s["file"], "n": s["n"], "keys": keys})
         for sk in p.get("skipped", {}).values():
             for k, v in sk.items():
                 skipped[k] = skipped.get(k, 0) + v
