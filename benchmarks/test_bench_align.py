@@ -1,9 +1,12 @@
-"""Aligner speed: exact path tokens/s, and the DP path vs the pure-Python reference DP.
+"""Aligner speed: exact path tokens/s, the DP path vs the pure-Python reference DP, and the worst
+cases (unrelated or random inputs, where anchoring finds little and the band does the work).
 
-Run: `pytest benchmarks/test_bench_align.py --benchmark -q -s`. Numba runs single-threaded (one core).
-The pure-Python reference (tests/test_align.py::ref_gotoh) is O(n*m); at 2k/8k tokens a full run
-would take minutes to hours, so it is timed on its first R rows (each row costs the same m cells)
-and scaled by n/R; the line says so (`ref_rows`).
+Run: `pytest benchmarks/test_bench_align.py --benchmark -q -s`. Numba runs single-threaded (one core);
+times are CPU time of this process (`time.process_time`, best of a few runs), so a loaded machine
+does not inflate them. The pure-Python reference (tests/test_align.py::ref_gotoh, with the same
+token-boundary tie-break as the aligner) is O(n*m); at 2k/8k tokens a full run would take minutes to
+hours, so it is timed on its first R rows (each row costs the same m cells) and scaled by n/R; the
+line says so (`ref_rows`).
 """
 from __future__ import annotations
 
@@ -44,12 +47,23 @@ def _perturb(text: str, seed: int = 0) -> str:
 
 
 def _best(fn, reps):
+    """Best CPU time of `reps` runs (seconds)."""
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
+
+
+def _ref_estimate(a: bytes, b: bytes, fa=None, fb=None, cells=150_000):
+    """CPU seconds of the pure-Python reference DP on all of a x b, from its first rows."""
+    from test_align import ref_gotoh  # tests/ is on sys.path (benchmarks/conftest.py)
+
+    rows = min(len(a), max(2, cells // max(1, len(b))))
+    t0 = time.process_time()
+    ref_gotoh(a[:rows], b, fa=None if fa is None else fa[:rows + 1], fb=fb)  # (a prefix: its rows cost the same)
+    return (time.process_time() - t0) * len(a) / rows, rows
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +91,7 @@ def test_bench_exact_path(toks):
 
 @pytest.mark.parametrize("n_tokens", [512, 2048, 8192])
 def test_bench_dp_path_vs_reference(toks, n_tokens):
-    from test_align import ref_gotoh  # tests/ is on sys.path (benchmarks/conftest.py)
+    from test_align import ref_flags  # tests/ is on sys.path (benchmarks/conftest.py)
 
     spm, tek = toks
     corpus = _corpus()
@@ -91,18 +105,61 @@ def test_bench_dp_path_vs_reference(toks, n_tokens):
     dt = _best(run, 5)
     a = np.frombuffer(spm.token_bytes.concat(t_ids), np.uint8)
     b = np.frombuffer(tek.token_bytes.concat(s_ids), np.uint8)
-    dt_match = _best(lambda: byte_match(a, b), 5)
+    fa, fb = ref_flags(spm.token_bytes, t_ids, spm.prefix_space), ref_flags(tek.token_bytes, s_ids, tek.prefix_space)
+    dt_match = _best(lambda: byte_match(a, b, a_flags=fa, b_flags=fb), 5)
     full = len(a) * len(b) <= 80_000_000
-    dt_full = _best(lambda: dp_match(a, b), 2) if full else float("nan")
-    rows = min(len(a), max(10, 150_000 // max(1, len(b))))
-    t0 = time.perf_counter()
-    ref_gotoh(a[:rows].tobytes(), b.tobytes())
-    ref = (time.perf_counter() - t0) * len(a) / rows
+    dt_full = _best(lambda: dp_match(a, b, a_flags=fa, b_flags=fb), 2) if full else float("nan")
+    ref, rows = _ref_estimate(a.tobytes(), b.tobytes(), fa, fb)
     report(f"align DP path {n_tokens} tokens (mistral-spm vs tekken on a template/case/CRLF-perturbed copy)",
            teacher_tokens=len(t_ids), student_tokens=len(s_ids), teacher_bytes=len(a), student_bytes=len(b),
-           align_s=dt, tokens_per_s=len(t_ids) / dt, ref_s_est=ref, ref_rows=rows,
+           align_cpu_s=dt, byte_match_cpu_s=dt_match, tokens_per_s=len(t_ids) / dt, ref_cpu_s_est=ref, ref_rows=rows,
            speedup_vs_ref=ref / dt, numba_full_dp_s=dt_full, full_dp_speedup_vs_ref=ref / dt_full,
            one_to_one_share=al.stats["one_to_one_share"],
            matched_share=al.stats["matched_bytes"] / max(1, al.stats["teacher_bytes"]))
     if n_tokens == 2048:
         assert ref / dt >= 100
+
+
+def _unrelated_text(n: int) -> str:
+    """Real text unrelated to _corpus(): Python standard-library source (modules _corpus never uses)."""
+    import argparse, collections, difflib, email.message, tarfile, typing, zipfile  # noqa: E401
+    import inspect
+
+    mods = (argparse, typing, tarfile, zipfile, difflib, collections, email.message)
+    src = "".join(inspect.getsource(m) for m in mods)
+    assert len(src) >= n, len(src)
+    return src[:n]
+
+
+@pytest.mark.parametrize("case", ["unrelated-texts-300k", "random-bytes-100k", "random-bytes-vs-text-100k"])
+def test_bench_worst_cases(toks, case):
+    """Inputs that share (almost) nothing: few or no anchors, so the large remaining regions get the
+    banded DP (half-width BAND_HALF; n x (2 * BAND_HALF + 1) bytes of back-pointers)."""
+    from xtok.align import BAND_HALF
+
+    spm, tek = toks
+    rng = np.random.default_rng(0)
+    if case == "unrelated-texts-300k":
+        t_text, s_text = _corpus()[:300_000], _unrelated_text(300_000)
+        t_ids, s_ids = spm.encode(t_text), tek.encode(s_text)
+        run = lambda: align(spm, tek, t_ids, s_ids)  # noqa: E731
+        al = run()
+        assert al.stats["path"] == "dp"
+        a = spm.token_bytes.concat(t_ids)
+        b = tek.token_bytes.concat(s_ids)
+        extra = dict(teacher_tokens=len(t_ids), student_tokens=len(s_ids), chunks=al.stats["chunks"],
+                     matched_share=al.stats["matched_bytes"] / max(1, al.stats["teacher_bytes"]))
+    else:
+        a = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+        b = (rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes() if case == "random-bytes-100k"
+             else _unrelated_text(100_000).encode()[:100_000])
+        A, B = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+        run = lambda: byte_match(A, B)  # noqa: E731
+        mt, _ = run()
+        extra = dict(matched_share=float((mt >= 0).mean()))
+    dt = _best(run, 2)
+    ref, rows = _ref_estimate(a, b, cells=200_000)
+    band_mb = len(a) * (2 * BAND_HALF + 1) / 1e6
+    report(f"align worst case {case}", teacher_bytes=len(a), student_bytes=len(b), cpu_s=dt,
+           band_backpointers_mb_max=band_mb, ref_cpu_s_est=ref, ref_rows=rows, speedup_vs_ref=ref / dt, **extra)
+    assert dt < 60, "worst case blew up"

@@ -1,15 +1,20 @@
 """The aligner against independent pure-Python references.
 
-- `ref_gotoh`: an obviously-correct full 3-matrix affine-gap DP (lists of lists); the Numba DP must
-  return the same matching and cost, and the anchored/banded pipeline must reach the same optimal cost.
+- `ref_gotoh`: an obviously-correct full 3-matrix affine-gap DP (lists of lists) with the token-boundary
+  tie-break kept as (cost, splits, misses) tuples, itself checked against a brute force over every
+  matching of tiny inputs; the Numba DP must return the same matching and costs, and the
+  anchored/banded pipeline must reach the same optimum.
 - `ref_chunks`: chunks built a different way (union-find over tokens joined by matched bytes; a
   component is a chunk iff it is contiguous, clean and on one diagonal); `align` must equal it.
 - `check_contract`: the issue's JSON invariants checked from token bytes alone.
+- `chat_oracle_chunks`: the ground-truth matching of one conversation under two chat templates;
+  `align` must chunk every content byte it chunks.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import re
 import textwrap
 import unicodedata
 from functools import lru_cache
@@ -21,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ASSETS, MISTRAL_SPM, TEKKEN
-from xtok.align import GAP_EXTEND, GAP_OPEN, Alignment, align, align_arrays, byte_match, dp_match
+from xtok.align import (CUT_BOUND, CUT_END, CUT_SPECIAL, FULL_DP_CELLS, GAP_EXTEND, GAP_OPEN, Alignment, align,
+                        align_arrays, byte_match, dp_match)
 from xtok.tokens import TokenBytes, load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -29,20 +35,50 @@ from xtok.tokens import TokenBytes, load_tokenizer
 # --------------------------------------------------------------------------------------------
 
 
-def ref_gotoh(a: bytes, b: bytes, go=GAP_OPEN, ge=GAP_EXTEND):
+def _cut(f, x):
+    """(split, miss) of a gap starting at x, or lying at x on the other side: a split when x is not a
+    token boundary (the gap cuts a token), a miss when no special token (or stream end) sits at x."""
+    return (0 if f[x] & CUT_BOUND else 1, 0 if f[x] & CUT_SPECIAL else 1)
+
+
+def _end(f, x):
+    """(split, miss) of a gap ending at x: a split unless a gap may end there (a token boundary, or
+    right after an eligible dummy-prefix space, which the chunker drops), a miss as in _cut."""
+    return (0 if f[x] & CUT_END else 1, 0 if f[x] & CUT_SPECIAL else 1)
+
+
+def _add(*vs):
+    return tuple(sum(x) for x in zip(*vs))
+
+
+ALL_FLAGS = CUT_BOUND | CUT_END | CUT_SPECIAL
+
+
+def ref_gotoh(a: bytes, b: bytes, go=GAP_OPEN, ge=GAP_EXTEND, fa=None, fb=None):
     """Full affine-gap DP. States: M (a[i-1] matched to b[j-1], equal bytes only), X (a[i-1]
-    unmatched), Y (b[j-1] unmatched). Ties prefer M, then X, then Y. Returns (cost, pairs)."""
-    INF = float("inf")
+    unmatched), Y (b[j-1] unmatched). A cost is the triple (edit cost, splits, misses), compared
+    lexicographically: the tie-break counts the gap edges and gap positions that fall strictly inside
+    a token (splits) or away from special tokens (misses); fa/fb are per-position flags (default:
+    every position a boundary and a special). A gap of a-bytes a[i0:i1) lying between b[j-1] and b[j]
+    adds _cut(fa, i0) + _end(fa, i1) + _cut(fb, j) (likewise for b-gaps). Remaining ties prefer M,
+    then X, then Y. Returns (cost, splits, misses, pairs)."""
     n, m = len(a), len(b)
+    fa = [ALL_FLAGS] * (n + 1) if fa is None else [int(x) for x in fa]
+    fb = [ALL_FLAGS] * (m + 1) if fb is None else [int(x) for x in fb]
+    INF = (float("inf"),) * 3
     M = [[INF] * (m + 1) for _ in range(n + 1)]
     X = [[INF] * (m + 1) for _ in range(n + 1)]
     Y = [[INF] * (m + 1) for _ in range(n + 1)]
     P = [[(0, 0, 0)] * (m + 1) for _ in range(n + 1)]  # predecessor state of (M, X, Y)
-    M[0][0] = 0
+    M[0][0] = (0, 0, 0)
+    OPEN, EXT, FREE = (go + ge, 0, 0), (ge, 0, 0), (0, 0, 0)
 
     def best(cands):  # first minimum in the order given (M, X, Y)
         k = min(range(3), key=lambda q: (cands[q], q))
         return cands[k], k
+
+    def tb(pair):  # (split, miss) -> a cost triple
+        return (0,) + pair
 
     for i in range(n + 1):
         for j in range(m + 1):
@@ -50,13 +86,20 @@ def ref_gotoh(a: bytes, b: bytes, go=GAP_OPEN, ge=GAP_EXTEND):
                 continue
             pm = px = py = 0
             if i and j and a[i - 1] == b[j - 1]:
-                M[i][j], pm = best([M[i - 1][j - 1], X[i - 1][j - 1], Y[i - 1][j - 1]])
-            if i:
-                X[i][j], px = best([M[i - 1][j] + go + ge, X[i - 1][j] + ge, Y[i - 1][j] + go + ge])
-            if j:
-                Y[i][j], py = best([M[i][j - 1] + go + ge, X[i][j - 1] + go + ge, Y[i][j - 1] + ge])
+                # a match closes the gap before it: an a-gap ending at i-1 or a b-gap ending at j-1
+                M[i][j], pm = best([M[i - 1][j - 1], _add(X[i - 1][j - 1], tb(_end(fa, i - 1))),
+                                    _add(Y[i - 1][j - 1], tb(_end(fb, j - 1)))])
+            if i:  # a-gap opening at a-position i-1, lying at b-position j
+                op = _add(OPEN, tb(_cut(fa, i - 1)), tb(_cut(fb, j)))
+                X[i][j], px = best([_add(M[i - 1][j], op), _add(X[i - 1][j], EXT),
+                                    _add(Y[i - 1][j], op, tb(_end(fb, j)))])
+            if j:  # b-gap opening at b-position j-1, lying at a-position i
+                op = _add(OPEN, tb(_cut(fb, j - 1)), tb(_cut(fa, i)))
+                Y[i][j], py = best([_add(M[i][j - 1], op), _add(X[i][j - 1], op, tb(_end(fa, i))),
+                                    _add(Y[i][j - 1], EXT)])
             P[i][j] = (pm, px, py)
-    cost, s = best([M[n][m], X[n][m], Y[n][m]])
+    (cost, splits, misses), s = best([_add(M[n][m], FREE), _add(X[n][m], tb(_end(fa, n))),
+                                      _add(Y[n][m], tb(_end(fb, m)))])
     pairs, i, j = [], n, m
     while i or j:
         if s == 0:
@@ -66,7 +109,7 @@ def ref_gotoh(a: bytes, b: bytes, go=GAP_OPEN, ge=GAP_EXTEND):
             s, i = P[i][j][1], i - 1
         else:
             s, j = P[i][j][2], j - 1
-    return cost, pairs[::-1]
+    return cost, splits, misses, pairs[::-1]
 
 
 def matching_cost(n, m, pairs, go=GAP_OPEN, ge=GAP_EXTEND):
@@ -77,6 +120,65 @@ def matching_cost(n, m, pairs, go=GAP_OPEN, ge=GAP_EXTEND):
             cost += go + ge * gap if gap else 0
         pi, pj = i, j
     return cost
+
+
+def matching_tiebreak(n, m, pairs, fa, fb):
+    """Fewest (splits, misses) of an alignment with exactly these matched pairs, straight from the
+    definition (see ref_gotoh): between two matches lie at most an a-gap and a b-gap, in either order."""
+    tot, pi, pj = (0, 0), -1, -1
+    for i, j in list(pairs) + [(n, m)]:
+        a0, a1, b0, b1 = pi + 1, i, pj + 1, j
+
+        def a_gap(at):  # a[a0:a1] unmatched, lying at b-position `at`
+            return _add(_cut(fa, a0), _end(fa, a1), _cut(fb, at))
+
+        def b_gap(at):
+            return _add(_cut(fb, b0), _end(fb, b1), _cut(fa, at))
+
+        if a1 > a0 and b1 > b0:
+            tot = _add(tot, min(_add(a_gap(b0), b_gap(a1)), _add(b_gap(a0), a_gap(b1))))
+        elif a1 > a0:
+            tot = _add(tot, a_gap(b0))
+        elif b1 > b0:
+            tot = _add(tot, b_gap(a0))
+        pi, pj = i, j
+    return tot
+
+
+def brute_force_best(a: bytes, b: bytes, fa, fb):
+    """min (cost, splits, misses) over every monotone matching of equal bytes (tiny inputs only)."""
+    n, m = len(a), len(b)
+    best = None
+
+    def rec(i0, j0, pairs):
+        nonlocal best
+        score = (matching_cost(n, m, pairs),) + matching_tiebreak(n, m, pairs, fa, fb)
+        best = score if best is None or score < best else best
+        for i in range(i0, n):
+            for j in range(j0, m):
+                if a[i] == b[j]:
+                    rec(i + 1, j + 1, pairs + [(i, j)])
+
+    rec(0, 0, [])
+    return best
+
+
+def ref_flags(tb: TokenBytes, ids, prefix_space):
+    """Per-position flags from token spans alone: boundaries; 'a gap may end here' also right after
+    an eligible dummy-prefix space; 'special' where a special token sits and at both stream ends."""
+    spans = token_spans(tb, ids)
+    total = spans[-1][1] if spans else 0
+    f = [0] * (total + 1)
+    f[0] = f[total] = CUT_BOUND | CUT_END | CUT_SPECIAL
+    for k, (a, b) in enumerate(spans):
+        f[a] |= CUT_BOUND | CUT_END
+        f[b] |= CUT_BOUND | CUT_END
+        if tb.is_special[ids[k]]:
+            f[a] |= CUT_SPECIAL
+    for (a, _), e in zip(spans, dummy_eligible(tb, ids, prefix_space)):
+        if e:
+            f[a + 1] |= CUT_END
+    return np.array(f, np.uint8)
 
 
 def token_spans(tb: TokenBytes, ids):
@@ -320,17 +422,97 @@ DP_CASES = [
     (b"", b""), (b"abc", b""), (b"", b"xyz"), (b"abc", b"abc"), (b" Hello", b"Hello"),
     (b"aaaa", b"aa"), (b"a  b", b"a b"), (b"kitten", b"sitting"), (b"<s>[INST] Hi", b"<|im_start|>user\nHi"),
     (b"12345678", b"1234 5678"), (b"The cat sat.", b"the cat  sat ."), (b"xAyBzC", b"AABBCC"),
+    (b" Tell me", b" User: Tell me"), (b"  x", b" x"),
 ]
+
+
+def _rand_flags(rng, n, density):
+    """Random per-position flags; with density > 0 that share of positions is a plain boundary and
+    both ends are boundaries and specials (as in a real stream); density 0: every position random."""
+    f = rng.integers(0, 8, n + 1).astype(np.uint8)
+    if density:
+        f = np.where(rng.random(n + 1) < density, CUT_BOUND | CUT_END, f).astype(np.uint8)
+        f[0] = f[n] = ALL_FLAGS
+    return f
+
+
+def _dp_vs_ref(a: bytes, b: bytes, fa=None, fb=None):
+    cost, splits, misses, pairs = ref_gotoh(a, b, fa=fa, fb=fb)
+    mt, ms, c2, s2, m2 = dp_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8), a_flags=fa, b_flags=fb)
+    assert (c2, s2, m2) == (cost, splits, misses)
+    assert [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0] == pairs
+    assert [(int(ms[j]), j) for j in range(len(b)) if ms[j] >= 0] == pairs
+    assert matching_cost(len(a), len(b), pairs) == cost
+    if fa is not None:
+        assert matching_tiebreak(len(a), len(b), pairs, fa, fb) == (splits, misses)
+    return cost, splits, misses, pairs
 
 
 @pytest.mark.parametrize("a,b", DP_CASES)
 def test_numba_dp_equals_reference(a, b):
-    cost, pairs = ref_gotoh(a, b)
-    mt, ms, c2 = dp_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
-    assert c2 == cost
-    assert [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0] == pairs
-    assert [(int(ms[j]), j) for j in range(len(b)) if ms[j] >= 0] == pairs
-    assert matching_cost(len(a), len(b), pairs) == cost
+    _dp_vs_ref(a, b)
+    rng = np.random.default_rng(len(a) * 1000 + len(b))
+    for density in (0.0, 0.5):
+        _dp_vs_ref(a, b, _rand_flags(rng, len(a), density), _rand_flags(rng, len(b), density))
+
+
+def test_reference_dp_equals_brute_force():
+    """ref_gotoh's (cost, splits, misses) is the minimum over every monotone matching of equal bytes,
+    scored by matching_cost/matching_tiebreak straight from the definition; its own pairs score that."""
+    rng = np.random.default_rng(7)
+    for _ in range(120):
+        n, m = (int(x) for x in rng.integers(0, 7, 2))
+        a = bytes(rng.integers(97, 100, n).astype(np.uint8))
+        b = bytes(rng.integers(97, 100, m).astype(np.uint8))
+        fa, fb = _rand_flags(rng, n, 0.0), _rand_flags(rng, m, 0.0)
+        cost, splits, misses, pairs = ref_gotoh(a, b, fa=fa, fb=fb)
+        assert (cost, splits, misses) == brute_force_best(a, b, fa, fb), (a, b, fa, fb)
+        assert (matching_cost(n, m, pairs),) + matching_tiebreak(n, m, pairs, fa, fb) == (cost, splits, misses)
+
+
+def _span_flags(pieces):
+    """Flags of a stream cut into `pieces` (no specials): boundaries; specials at both ends."""
+    f = np.zeros(sum(map(len, pieces)) + 1, np.uint8)
+    f[np.cumsum([0] + [len(p) for p in pieces])] = CUT_BOUND | CUT_END
+    f[0] |= CUT_SPECIAL
+    f[-1] |= CUT_SPECIAL
+    return f
+
+
+def test_tie_break_prefers_token_boundaries():
+    """Equal edit cost, different splits. 'me'+' me' vs 'me': the boundary-blind DP (gaps as early
+    as possible) pairs 'me' with the end of ' me', splitting it and pairing nothing; with token
+    boundaries 'me' pairs with 'me'. ' Tell'+' me' vs ' User'+':'+' Tell'+' me' (issue 2's repro):
+    the first space goes with ' Tell', not ' User'."""
+    for ta, tb, expect in (([b"me", b" me"], [b"me"], [(0, 0), (1, 1)]),
+                           ([b" Tell", b" me"], [b" User", b":", b" Tell", b" me"], [(i, i + 6) for i in range(8)])):
+        a, b = b"".join(ta), b"".join(tb)
+        fa, fb = _span_flags(ta), _span_flags(tb)
+        cost0, _, _, pairs0 = ref_gotoh(a, b)
+        cost, splits, _, pairs = _dp_vs_ref(a, b, fa, fb)
+        assert cost == cost0 and splits == 0 and pairs == expect
+        if ta[0] == b"me":
+            assert matching_tiebreak(len(a), len(b), pairs0, fa, fb)[0] > 0 and pairs0 != expect
+        mt, _ = byte_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8), a_flags=fa, b_flags=fb)
+        assert [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0] == expect
+
+
+def test_tie_break_prefers_gaps_at_special_tokens():
+    """Equal cost and no split either way: content 'US:' then '</s>' + ' \nUser:' + ' Your' (a
+    'plain' template) vs 'US:' + '</s>[INST]' + ' Your' ('inst'). The content ':' may pair with
+    either ':'; the template text is the gap that sits at the special tokens, so the content ':'s pair."""
+    tp = [b"US", b":", None, b" ", b"\n", b"User", b":", b" Your"]
+    sp = [b"US", b":", None, None, b" Your"]
+    tb, sb = TokenBytes.from_list(tp), TokenBytes.from_list(sp)
+    t_ids, s_ids = np.arange(len(tp)), np.arange(len(sp))
+    a, b = tb.concat(t_ids), sb.concat(s_ids)
+    fa, fb = ref_flags(tb, t_ids, False), ref_flags(sb, s_ids, False)
+    blind = ref_gotoh(a, b, fa=fa | CUT_SPECIAL, fb=fb | CUT_SPECIAL)  # no special level
+    cost, splits, misses, pairs = _dp_vs_ref(a, b, fa, fb)
+    assert blind[0] == cost and blind[1] == splits == 0 and (2, 2) in pairs and (9, 2) in blind[3]
+    al = align(tb, sb, t_ids, s_ids)
+    check_contract(tb, t_ids, sb, s_ids, al)
+    assert [tuple(r) for r in al.chunks.tolist()] == [(0, 1, 0, 1), (1, 2, 1, 2), (7, 8, 4, 5)]
 
 
 def _perturb(rng, s: str) -> str:
@@ -354,12 +536,12 @@ def test_random_dp_equals_reference(seed):
     rng = np.random.default_rng(seed)
     a = bytes(rng.integers(97, 101, int(rng.integers(1, 60))).astype(np.uint8))
     b = bytes(rng.integers(97, 101, int(rng.integers(1, 60))).astype(np.uint8))
-    cost, pairs = ref_gotoh(a, b)
-    mt, _, c2 = dp_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
-    assert c2 == cost and [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0] == pairs
-    # the trimmed/anchored pipeline reaches the optimal cost too
-    mt2, _ = byte_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
-    assert matching_cost(len(a), len(b), [(i, int(mt2[i])) for i in range(len(a)) if mt2[i] >= 0]) == cost
+    fa, fb = _rand_flags(rng, len(a), 0.3), _rand_flags(rng, len(b), 0.3)
+    for flags in ((None, None), (fa, fb)):
+        pairs = _dp_vs_ref(a, b, *flags)[3]
+        # byte_match on a small input is the same exact DP (no trimming, no anchors)
+        mt2, _ = byte_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8), a_flags=flags[0], b_flags=flags[1])
+        assert [(i, int(mt2[i])) for i in range(len(a)) if mt2[i] >= 0] == pairs
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -370,14 +552,18 @@ def test_anchored_banded_pipeline_is_optimal_on_real_edits(seed):
     s1 = src[start:start + 300]
     s2 = _perturb(rng, s1)
     a, b = s1.encode(), s2.encode()
-    cost, _ = ref_gotoh(a, b)
+    cost = ref_gotoh(a, b)[0]
     A, B = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
-    # force the large-input machinery: anchors + banded regions on a small problem
-    mt, ms = byte_match(A, B, k=8, full_cells=2_000, half=24, last_full_cells=0)
-    pairs = [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0]
-    assert all(a[i] == b[j] for i, j in pairs) and all(np.diff([p[1] for p in pairs]) > 0)
-    assert all(ms[j] == i for i, j in pairs) and int((ms >= 0).sum()) == len(pairs)
-    assert matching_cost(len(a), len(b), pairs) == cost
+    # force the large-input machinery: anchors + banded regions on a small problem; with word-like
+    # token boundaries too (the trims then stop at shared boundaries): the tie-break never costs
+    # edit cost, which is independent of the flags
+    words = re.compile(rb" ?\w+| ?[^\w\s]+|\s+")
+    for fa, fb in ((None, None), (_span_flags(words.findall(a)), _span_flags(words.findall(b)))):
+        mt, ms = byte_match(A, B, k=8, full_cells=2_000, half=24, last_full_cells=0, a_flags=fa, b_flags=fb)
+        pairs = [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0]
+        assert all(a[i] == b[j] for i, j in pairs) and all(np.diff([p[1] for p in pairs]) > 0)
+        assert all(ms[j] == i for i, j in pairs) and int((ms >= 0).sum()) == len(pairs)
+        assert matching_cost(len(a), len(b), pairs) == cost
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,30 +572,54 @@ def test_anchored_banded_pipeline_is_optimal_on_real_edits(seed):
 
 
 def test_small_real_dp_alignments_equal_reference(all_toks):
-    """End to end on short texts that differ between the sides: align == ref_chunks(ref matching)."""
+    """End to end on short texts that differ between the sides: align's byte matching is the
+    reference DP's (token boundaries from ref_flags) and its chunks are ref_chunks of that."""
     spm, tek = all_toks["mistral-spm"], all_toks["tekken"]
     cases = [
         (spm, tek, "Hello world, 12345!", "hello  world 12345!"),
         (tek, spm, "[INST] What is 2+2? [/INST] It is 4.</s>", "<s>User: What is 2+2?\nAssistant: It is 4."),
         (spm, all_toks["trained-wordpiece"], "The king is here, my lord!\r\nDone.", "The king is here, my lord!\r\nDone."),
         (all_toks["trained-unigram"], tek, "the ﬁne king ① e\u0301 x", "the ﬁne king ① e\u0301 x"),
+        (tek, spm, "[INST] Tell me", "User: Tell me"),  # issue 2's repro, both ways
+        (spm, tek, "User: Tell me", "[INST] Tell me"),
+        (spm, tek, "Assistant: Tell me more\nUser: Tell me", "[INST] Tell me more [/INST] Tell me"),
     ]
     for tt, st_, t_text, s_text in cases:
         t_ids, s_ids = tt.encode(t_text), st_.encode(s_text)
         al = _run(tt, st_, t_ids, s_ids)
         a = tt.token_bytes.concat(t_ids)
         b = st_.token_bytes.concat(s_ids)
-        mt, _ = byte_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
         if a != b:
-            cost, _ = ref_gotoh(a, b)
-            pairs = [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0]
-            assert matching_cost(len(a), len(b), pairs) == cost
+            fa = ref_flags(tt.token_bytes, t_ids, tt.prefix_space)
+            fb = ref_flags(st_.token_bytes, s_ids, st_.prefix_space)
+            pairs = ref_gotoh(a, b, fa=fa, fb=fb)[3]
+            mt, _ = byte_match(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8), a_flags=fa, b_flags=fb)
+            assert [(i, int(mt[i])) for i in range(len(a)) if mt[i] >= 0] == pairs
+            assert al.stats["matched_bytes"] == len(pairs)
         else:
             pairs = [(i, i) for i in range(len(a))]
         expect = ref_chunks(tt.token_bytes, t_ids, st_.token_bytes, s_ids, pairs, tt.prefix_space, st_.prefix_space)
         if al.stats["path"] == "dp":
             assert [tuple(x) for x in al.chunks.tolist()] == expect
-        assert len(al.chunks) >= 3
+        assert len(al.chunks) >= 2
+
+
+def test_identical_first_word_after_template_is_aligned(all_toks):
+    """Issue 2's repro: Tekken '[INST] Tell me' vs SentencePiece 'User: Tell me' (dummy-prefix
+    space on ' User'). The identical ' Tell' and ' me' tokens must each be a 1:1 chunk; only the
+    template tokens are gaps."""
+    tek, spm = all_toks["tekken"], all_toks["mistral-spm"]
+    for tt, st_, t_text, s_text in ((tek, spm, "[INST] Tell me", "User: Tell me"),
+                                    (spm, tek, "User: Tell me", "[INST] Tell me")):
+        t_ids, s_ids = tt.encode(t_text), st_.encode(s_text)
+        al = _run(tt, st_, t_ids, s_ids)
+        tp = [tt.token_bytes.get(int(i)) if not tt.token_bytes.is_special[i] else None for i in t_ids]
+        sp = [st_.token_bytes.get(int(i)) if not st_.token_bytes.is_special[i] else None for i in s_ids]
+        for word in (b" Tell", b" me"):
+            assert (tp.index(word), tp.index(word) + 1, sp.index(word), sp.index(word) + 1) in \
+                [tuple(r) for r in al.chunks.tolist()], (t_text, word, al.chunks.tolist())
+        content = {tp.index(b" Tell"), tp.index(b" me")}
+        assert {k for g in al.teacher_gaps.tolist() for k in range(*g)} == set(range(len(tp))) - content
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[f"{a}~{b}" for a, b in PAIRS])
@@ -435,13 +645,18 @@ def test_real_pairs(all_toks, pair):
             assert al.stats["path"] == "dp"
             A = np.frombuffer(tt.token_bytes.concat(t_ids), np.uint8)
             B = np.frombuffer(st_.token_bytes.concat(s_ids), np.uint8)
-            mt, _ = byte_match(A, B)
+            fa = ref_flags(tt.token_bytes, t_ids, tt.prefix_space)
+            fb = ref_flags(st_.token_bytes, s_ids, st_.prefix_space)
+            mt, _ = byte_match(A, B, a_flags=fa, b_flags=fb)
             assert al.stats["matched_bytes"] == int((mt >= 0).sum())
             if len(A) * len(B) <= 9_000_000:
-                # the anchored pipeline is as good as the full DP (itself checked against ref_gotoh)
+                # the anchored pipeline is as good as the full DP (itself checked against ref_gotoh):
+                # the same edit cost and, on these texts, the same tie-break (splits, misses)
                 pairs_ = np.flatnonzero(mt >= 0)
-                assert matching_cost(len(A), len(B), zip(pairs_.tolist(), mt[pairs_].tolist())) == \
-                    dp_match(A, B)[2], name
+                pairs_ = list(zip(pairs_.tolist(), mt[pairs_].tolist()))
+                _, _, cost, splits, misses = dp_match(A, B, a_flags=fa, b_flags=fb)
+                assert matching_cost(len(A), len(B), pairs_) == cost, name
+                assert matching_tiebreak(len(A), len(B), pairs_, fa, fb) == (splits, misses), name
 
 
 _ENC: dict = {}
@@ -499,44 +714,155 @@ def test_digits_split_differently_are_not_lost(all_toks):
         assert set(multi_digit) <= many, name  # each grouped-digit token is a many:1 chunk
 
 
-def test_chat_templates_align_all_content(all_toks):
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Sum 1234 and 8766, then say café ☕."},
+    {"role": "assistant", "content": "10000. Café ☕!"},
+    {"role": "user", "content": "Tabs\tand  spaces?"},
+    {"role": "assistant", "content": "Kept:\tand  spaces."},
+]
+CHAT_TELL = [
+    {"role": "user", "content": "Tell me a joke about 42 cats."},
+    {"role": "assistant", "content": "Cats ignore jokes, 42 times over."},
+    {"role": "user", "content": "Tell me why."},
+]
+
+def _long_chat():
+    """~2.5 kB of real dialogue lines as alternating turns: long enough (> 2^17 DP cells) for the
+    anchored path, as in the collator's multi-turn rows."""
+    lines = [ln.strip() for ln in TEXTS["shakespeare"].split("\n") if ln.strip()]
+    return [{"role": ("user", "assistant")[k % 2], "content": " ".join(lines[2 * k:2 * k + 2])}
+            for k in range(len(lines) // 2)]
+
+
+CHAT_SETS = {"sys": CHAT, "nosys": CHAT[1:], "tell": CHAT_TELL, "long": _long_chat()}
+
+
+def _content_spans(text: bytes, msgs):
+    out, pos = [], 0
+    for m in msgs:
+        c = m["content"].encode()
+        s = text.find(c, pos)
+        assert s >= 0, m
+        out.append((s, s + len(c)))
+        pos = s + len(c)
+    return out
+
+
+def _text_to_stream(tok, r):
+    """text byte -> stream byte, for tokens whose bytes are exactly their text span (after dropping
+    an eligible dummy-prefix space); normalised tokens map nothing."""
+    tb, text, mp = tok.token_bytes, r.text.encode(), {}
+    spans, el = token_spans(tb, r.ids), dummy_eligible(tb, r.ids, tok.prefix_space)
+    for k, ((c0, _), (o0, o1)) in enumerate(zip(spans, r.offsets.tolist())):
+        bts = b"" if tb.is_special[r.ids[k]] else tb.get(int(r.ids[k]))
+        if el[k] and bts[1:] == text[o0:o1]:
+            bts, c0 = bts[1:], c0 + 1
+        if bts == text[o0:o1]:
+            mp.update({o0 + d: c0 + d for d in range(o1 - o0)})
+    return mp
+
+
+def chat_oracle_chunks(tt, rt, st_, rs, msgs):
+    """Chunks of the ground-truth matching of two renderings of one conversation, built without the
+    aligner: message q's content bytes on one side are message q's content bytes on the other,
+    extended outward over equal bytes (in the byte streams, so across special tokens) up to the
+    neighbouring messages; everything else (template text) unmatched. ref_chunks of that says
+    which tokens can be chunked at all: a token merging content with template bytes that differ
+    on the other side (e.g. Tekken '.\n\n', SentencePiece ' Sum' after a template's '\n') cannot."""
+    A, B = tt.token_bytes.concat(rt.ids), st_.token_bytes.concat(rs.ids)
+    ct, cs = _content_spans(rt.text.encode(), msgs), _content_spans(rs.text.encode(), msgs)
+    mt_, ms_ = _text_to_stream(tt, rt), _text_to_stream(st_, rs)
+    core = [c for c in ([(mt_[t0 + d], ms_[s0 + d]) for d in range(t1 - t0) if t0 + d in mt_ and s0 + d in ms_]
+                        for (t0, t1), (s0, _) in zip(ct, cs)) if c]
+    # left extensions first (template text right before a message more often matches), each bounded by
+    # the previous message's content; then right extensions, bounded by the next message's left one
+    left = []
+    for q, cur in enumerate(core):
+        (x, y), lx, ly, ext = cur[0], *(core[q - 1][-1] if q else (-1, -1)), []
+        while x - 1 > lx and y - 1 > ly and A[x - 1] == B[y - 1]:
+            x, y = x - 1, y - 1
+            ext.append((x, y))
+        left.append(ext[::-1])
+    pairs = []
+    for q, cur in enumerate(core):
+        nx, ny = (left[q + 1] or core[q + 1])[0] if q + 1 < len(core) else (len(A), len(B))
+        (x, y), ext = cur[-1], []
+        while x + 1 < nx and y + 1 < ny and A[x + 1] == B[y + 1]:
+            x, y = x + 1, y + 1
+            ext.append((x, y))
+        pairs += left[q] + cur + ext
+    return ref_chunks(tt.token_bytes, rt.ids, st_.token_bytes, rs.ids, pairs, tt.prefix_space, st_.prefix_space)
+
+
+def _content_in_chunks(r, chunks, lo, hi, spans):
+    """bool per rendered-text byte: content bytes held by a chunked token; and the content mask."""
+    n = len(r.text.encode())
+    cov, content = np.zeros(n, bool), np.zeros(n, bool)
+    for row in chunks:
+        for k in range(row[lo], row[hi]):
+            cov[r.offsets[k, 0]:r.offsets[k, 1]] = True
+    for a, b in spans:
+        content[a:b] = True
+    return cov & content, content
+
+
+# (teacher, template, student, template, strict): template None = the tokenizer's own (real) one,
+# 'chatml-file' = ChatML from a .jinja file. strict: every content byte of every message in a chunk
+# (for the conversations without a system message: 'inst' puts it right after BOS and Tekken merges
+# its final '.' with the template's '\n\n'); otherwise exactly what the ground truth allows.
+CHAT_COMBOS = [
+    ("mistral-spm", "plain", "tekken", "inst", True),
+    ("tekken", "inst", "mistral-spm", "plain", True),
+    ("tekken", "chatml-file", "mistral-spm", "inst", False),
+    ("mistral-spm", "chatml-file", "tekken", "inst", False),
+    ("mistral-spm", "inst", "tekken", "chatml", False),
+    ("tekken", "plain", "trained-bytelevel", "chatml", False),
+    ("llama2", None, "tekken", "inst", True),
+    ("mistral-spm", "plain", "llama2", None, True),
+    ("qwen3", None, "llama3", "chatml-file", False),
+    ("qwen3", None, "llama3", "plain", False),
+    ("qwen3", None, "llama2", None, False),
+    ("qwen3", None, "mistral-spm", "inst", False),
+]
+
+
+@pytest.mark.parametrize("combo", CHAT_COMBOS, ids=["{}-{}~{}-{}".format(*c[:4]) for c in CHAT_COMBOS])
+def test_chat_templates_align_all_content(all_toks, combo, tmp_path):
+    """The same conversation rendered with two templates: every content byte the ground truth can
+    chunk is chunked by align (and, for the strict pairs, that is every content byte)."""
     from xtok.chat import DEFAULT_TEMPLATES, render_chat
 
-    msgs = [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Sum 1234 and 8766, then say café ☕."},
-        {"role": "assistant", "content": "10000. Café ☕!"},
-        {"role": "user", "content": "Tabs\tand  spaces?"},
-        {"role": "assistant", "content": "Kept:\tand  spaces."},
-    ]
-    combos = [(all_toks["mistral-spm"], DEFAULT_TEMPLATES["inst"], all_toks["tekken"], DEFAULT_TEMPLATES["chatml"]),
-              (all_toks["tekken"], DEFAULT_TEMPLATES["plain"], all_toks["trained-bytelevel"], DEFAULT_TEMPLATES["chatml"])]
-    if "qwen3" in all_toks:
-        combos.append((all_toks["qwen3"], None, all_toks["mistral-spm"], DEFAULT_TEMPLATES["inst"]))
-    for tt, ttpl, st_, stpl in combos:
-        rt, rs = render_chat(tt, msgs, template=ttpl), render_chat(st_, msgs, template=stpl)
+    tn, ttpl, sn, stpl, strict = combo
+    for n in (tn, sn):
+        if n not in all_toks:
+            pytest.skip(f"{n} not present")
+    tt, st_ = all_toks[tn], all_toks[sn]
+    (tmp_path / "chatml.jinja").write_text(DEFAULT_TEMPLATES["chatml"], encoding="utf-8")
+
+    def tpl(t, tok):
+        if t is None:
+            if not tok.chat_template:
+                pytest.skip(f"{tok.name} ships no chat template")
+            return None
+        return str(tmp_path / "chatml.jinja") if t == "chatml-file" else DEFAULT_TEMPLATES[t]
+
+    for set_name, msgs in CHAT_SETS.items():
+        rt, rs = render_chat(tt, msgs, template=tpl(ttpl, tt)), render_chat(st_, msgs, template=tpl(stpl, st_))
         al = _run(tt, st_, rt.ids, rs.ids)
-        for r, tok, lo, hi in ((rt, tt, 0, 1), (rs, st_, 2, 3)):
-            in_chunk = np.zeros(len(r.ids), bool)
-            for row in al.chunks:
-                in_chunk[row[lo]:row[hi]] = True
-            tb = r.text.encode()
-            pos = 0
-            for m in msgs:
-                c = m["content"].encode()
-                s = tb.find(c, pos)
-                assert s >= 0
-                pos = s + len(c)
-                inside = np.flatnonzero((r.offsets[:, 0] >= s) & (r.offsets[:, 1] <= s + len(c)))
-                # all content is chunked except where the first/last word merges with template text
-                # (a token holding template bytes drags the tokens it overlaps on the other side)
-                words = c.split()
-                edge = len(words[0]) + len(words[-1]) + 2
-                covered = sum(int(r.offsets[k, 1] - r.offsets[k, 0]) for k in inside if in_chunk[k])
-                assert covered >= len(c) - edge, (tok.name, m["content"])
-                mid = inside[(r.offsets[inside, 0] >= s + len(words[0]) + 1) &
-                             (r.offsets[inside, 1] <= s + len(c) - len(words[-1]) - 1)]
-                assert in_chunk[mid].all(), (tok.name, m["content"])
+        if set_name == "long":
+            assert (len(tt.token_bytes.concat(rt.ids)) + 1) * (len(st_.token_bytes.concat(rs.ids)) + 1) > FULL_DP_CELLS
+        oracle = chat_oracle_chunks(tt, rt, st_, rs, msgs)
+        ct, cs = _content_spans(rt.text.encode(), msgs), _content_spans(rs.text.encode(), msgs)
+        for side, r, lo, hi, spans in (("teacher", rt, 0, 1, ct), ("student", rs, 2, 3, cs)):
+            got, content = _content_in_chunks(r, al.chunks, lo, hi, spans)
+            can, _ = _content_in_chunks(r, oracle, lo, hi, spans)
+            lost = np.flatnonzero(can & ~got)
+            assert lost.size == 0, (set_name, side, r.text.encode()[lost[0]:lost[-1] + 1])
+            assert can.sum() >= 0.65 * content.sum(), (set_name, side, int(can.sum()), int(content.sum()))
+            if strict and set_name != "sys":
+                missing = np.flatnonzero(content & ~got)
+                assert missing.size == 0, (set_name, side, r.text.encode()[missing[0]:missing[-1] + 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,9 +883,10 @@ def test_fuzz_unicode(all_toks, text, text2, cut):
         al = _run(tt, st_, t_ids, s_ids)
         A, B = tt.token_bytes.concat(t_ids), st_.token_bytes.concat(s_ids)
         if al.stats["path"] == "dp" and len(A) * len(B) < 20_000:
-            mt, _ = byte_match(np.frombuffer(A, np.uint8), np.frombuffer(B, np.uint8))
-            pairs = [(i, int(mt[i])) for i in range(len(A)) if mt[i] >= 0]
-            assert matching_cost(len(A), len(B), pairs) == ref_gotoh(A, B)[0]
+            # small: align's matching is the reference DP's, tie-break included
+            pairs = ref_gotoh(A, B, fa=ref_flags(tt.token_bytes, t_ids, tt.prefix_space),
+                                    fb=ref_flags(st_.token_bytes, s_ids, st_.prefix_space))[3]
+            assert al.stats["matched_bytes"] == len(pairs)
             assert [tuple(x) for x in al.chunks.tolist()] == ref_chunks(
                 tt.token_bytes, t_ids, st_.token_bytes, s_ids, pairs, tt.prefix_space, st_.prefix_space)
 
@@ -596,10 +923,16 @@ def test_fuzz_segmentations(data, edit, at, cut_t, cut_s, sp_t, sp_s, ps_t, do_e
         assert info[0] == "exact" and [tuple(r) for r in c.tolist()] == ident[0]
         return
     A, B = tb.concat(t_ids), sb.concat(s_ids)
-    mt, _ = byte_match(np.frombuffer(A, np.uint8), np.frombuffer(B, np.uint8))
-    pairs = [(i, int(mt[i])) for i in range(len(A)) if mt[i] >= 0]
-    assert matching_cost(len(A), len(B), pairs) == ref_gotoh(A, B)[0]
+    fa, fb = ref_flags(tb, t_ids, ps_t), ref_flags(sb, s_ids, False)
+    pairs = ref_gotoh(A, B, fa=fa, fb=fb)[3]
+    assert info[1] == len(pairs)
     assert [tuple(r) for r in c.tolist()] == ref_chunks(tb, t_ids, sb, s_ids, pairs, ps_t, False)
+    # forced through the large-input machinery (widened trims, anchors, band): optimal edit cost
+    mt, ms = byte_match(np.frombuffer(A, np.uint8), np.frombuffer(B, np.uint8), k=4, full_cells=60, half=3,
+                        last_full_cells=0, a_flags=fa, b_flags=fb)
+    got = [(i, int(mt[i])) for i in range(len(A)) if mt[i] >= 0]
+    assert all(A[i] == B[j] for i, j in got) and all(ms[j] == i for i, j in got) and int((ms >= 0).sum()) == len(got)
+    assert all(np.diff([j for _, j in got]) > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,6 +979,10 @@ def test_bad_input_errors(all_toks):
         align_arrays(tb.data, tb.offsets, tb.is_special, tb.data, tb.offsets, tb.is_special, [1], [5, -100])
     with pytest.raises(TypeError, match="teacher must be"):
         align("gpt2", spm, [1], [1])
+    with pytest.raises(ValueError, match=r"byte_match\(\): b_flags: expected shape \(4,\)"):
+        byte_match(np.zeros(2, np.uint8), np.zeros(3, np.uint8), b_flags=np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match=r"too long for one alignment"):
+        dp_match(np.zeros(1, np.uint8), np.zeros(1, np.uint8), go=1 << 58)
 
 
 def test_cli_json_and_view(tmp_path):

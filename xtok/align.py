@@ -7,9 +7,13 @@ tokens through their raw bytes (`xtok.tokens.TokenBytes`):
    offsets.
 2. A monotone byte matching between the two streams:
    - exact path: the streams are equal, every byte matches itself;
-   - DP path: trim the common prefix/suffix, anchor on k-grams unique in both streams (longest
-     increasing subsequence keeps a monotone set), and between anchors run an affine-gap edit
-     distance (Gotoh, match 0, no substitutions) in Numba; large anchor-free regions are banded.
+   - DP path: an affine-gap edit distance (Gotoh, match 0, no substitutions) in Numba whose ties
+     are broken towards keeping tokens whole (fewest gap edges strictly inside a token, then
+     fewest away from special tokens; see `_gotoh`). Small inputs get the full DP; large ones
+     trim the common prefix/suffix (back to a shared token boundary), anchor on k-grams unique in
+     both streams (longest increasing subsequence keeps a monotone set) and run the DP between
+     anchors, each region widened to shared token boundaries first; large anchor-free regions are
+     banded.
 3. Chunks: one linear pass groups tokens whose bytes are all matched, on one diagonal, into the
    finest groups whose byte spans start and end together on both sides. Every other token
    (special tokens, tokens with any unmatched byte, or tied into a group with one) is a gap.
@@ -28,7 +32,8 @@ from numba import njit
 
 from .tokens import TokenBytes, Tokenizer
 
-__all__ = ["Alignment", "align", "align_arrays", "byte_match", "chunks_from_match", "dp_match", "GAP_OPEN", "GAP_EXTEND"]
+__all__ = ["Alignment", "align", "align_arrays", "byte_match", "chunks_from_match", "dp_match", "cut_flags",
+           "GAP_OPEN", "GAP_EXTEND", "CUT_BOUND", "CUT_END", "CUT_SPECIAL"]
 
 # Affine gap costs of the byte DP: a gap of length L costs GAP_OPEN + L * GAP_EXTEND; matches cost
 # 0; unequal bytes never pair. With these, an isolated run of < 4 equal bytes inside unmatched
@@ -39,7 +44,14 @@ ANCHOR_K = 12            # k-gram length for anchors
 FULL_DP_CELLS = 1 << 17  # regions up to this many cells get the exact full DP (larger: anchors first)
 LAST_FULL_DP_CELLS = 1 << 24  # an anchor-free region up to this size still gets the full DP
 BAND_HALF = 512          # half-width of the band for larger anchor-free regions
+WIDEN_BOUNDS = 1         # a DP region widens into the matched runs beside it over this many shared
+WIDEN_MAX = 64           # token boundaries, by at most this many bytes
 _INF = 1 << 60
+# position flags for the DP's tie-break (see `cut_flags`, `_gotoh`)
+CUT_BOUND = 1            # a token boundary
+CUT_END = 2              # a gap on this side may end here without splitting a token
+CUT_SPECIAL = 4          # a special token (no bytes) or the stream start/end sits here
+CUT_ALL = CUT_BOUND | CUT_END | CUT_SPECIAL
 
 TokLike = Union[Tokenizer, TokenBytes]
 
@@ -246,18 +258,53 @@ def _runs(flags):
 
 
 @njit(cache=True, nogil=True)
-def _gotoh(a, b, lo, hi, go, ge, mt, ms, a_off, b_off):
+def _gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, a_off, b_off):
     """Affine-gap alignment of a vs b (match 0, gaps go + L*ge, unequal bytes never pair) with row
     i restricted to columns lo[i]..hi[i] (inclusive). Writes matches into mt/ms (offset by
-    a_off/b_off). Tie order M < X (a-byte unmatched) < Y (b-byte unmatched); the traceback from
-    the end therefore places matches as late and gaps as early as optimal alignments allow.
-    Returns the optimal cost."""
+    a_off/b_off). Returns (cost, splits, misses).
+
+    Tie-break (lexicographic, never changes the optimal cost): among alignments of equal cost the
+    one with the fewest token *splits* wins, then the one with the fewest special *misses*. fa/fb
+    (uint8 [n+1]/[m+1]) flag each position between bytes: CUT_BOUND = a token boundary, CUT_END = a
+    gap on that side may end here without splitting a token, CUT_SPECIAL = a special token (or the
+    stream end) sits here. A gap of a-bytes [i0, i1) placed between b[j-1] and b[j] costs one split
+    for each of i0 not CUT_BOUND, i1 not CUT_END, j not CUT_BOUND, and one miss for each of i0, i1, j
+    not CUT_SPECIAL (likewise for gaps of b-bytes). With N = n + m and K = 3N + 1 (> any total of
+    misses), costs are kept as cost * K^2 + splits * K + misses, so integer comparison is the
+    lexicographic one. A region too long for that in int64 (N beyond ~3e5 bytes: only ever the
+    banded worst case) drops the misses: cost * (3N + 1) + splits. Remaining ties: M < X (a-byte
+    unmatched) < Y (b-byte unmatched); the traceback from the end therefore places matches as late
+    and gaps as early as allowed."""
     n = a.shape[0]
     m = b.shape[0]
     W = 1
     for i in range(n + 1):
         if hi[i] - lo[i] + 1 > W:
             W = hi[i] - lo[i] + 1
+    N = n + m
+    K = 3 * N + 1
+    three = float(go + ge + 1) * float(N + 1) * float(K) * float(K) < 1e18
+    if three:
+        S = K * K
+    else:
+        K = 1
+        S = 3 * N + 1
+    G = (go + ge) * S  # opening (first byte of) a gap
+    E = ge * S         # extending a gap
+    # tie-break penalty per position: pX for a gap starting there or lying there on the other side
+    # (not a token boundary; not at a special), eX for a gap ending there (may not end; not at a special)
+    pa = np.empty(n + 1, np.int64)
+    ea = np.empty(n + 1, np.int64)
+    for i in range(n + 1):
+        q = 0 if (not three or fa[i] & CUT_SPECIAL) else 1
+        pa[i] = (0 if fa[i] & CUT_BOUND else K) + q
+        ea[i] = (0 if fa[i] & CUT_END else K) + q
+    pb = np.empty(m + 1, np.int64)
+    eb = np.empty(m + 1, np.int64)
+    for j in range(m + 1):
+        q = 0 if (not three or fb[j] & CUT_SPECIAL) else 1
+        pb[j] = (0 if fb[j] & CUT_BOUND else K) + q
+        eb[j] = (0 if fb[j] & CUT_END else K) + q
     ptr = np.zeros((n + 1, W), np.uint8)
     INF = _INF
     pM = np.full(m + 1, INF, np.int64)
@@ -271,8 +318,8 @@ def _gotoh(a, b, lo, hi, go, ge, mt, ms, a_off, b_off):
         if j == 0:
             pM[0] = 0
         else:
-            o = pM[j - 1] + go + ge
-            e = pY[j - 1] + ge
+            o = pM[j - 1] + G + pb[j - 1] + pa[0]
+            e = pY[j - 1] + E
             if o <= e:
                 pY[j] = o
                 ptr[0, j - lo[0]] = 0 << 4
@@ -289,44 +336,52 @@ def _gotoh(a, b, lo, hi, go, ge, mt, ms, a_off, b_off):
             cX[l0 - 1] = INF
             cY[l0 - 1] = INF
         ai = a[i - 1]
+        pa1 = pa[i - 1]  # an a-gap starting at i-1
+        ea1 = ea[i - 1]  # an a-gap ending at i-1
+        pa0 = pa[i]      # a b-gap placed at a-position i
+        ea0 = ea[i]      # an a-gap ending at i
         for j in range(l0, h0 + 1):
             p = 0
-            # M
+            # M: a[i-1] ~ b[j-1]; closes a gap ending at (i-1, j-1)
             vM = INF
             if j >= 1 and ai == b[j - 1] and lp <= j - 1 <= hp:
                 vM = pM[j - 1]
                 s = 0
-                if pX[j - 1] < vM:
-                    vM = pX[j - 1]
+                t = pX[j - 1] + ea1
+                if t < vM:
+                    vM = t
                     s = 1
-                if pY[j - 1] < vM:
-                    vM = pY[j - 1]
+                t = pY[j - 1] + eb[j - 1]
+                if t < vM:
+                    vM = t
                     s = 2
                 p |= s
-            # X: a[i-1] unmatched, from row i-1 same column
+            # X: a[i-1] unmatched, from row i-1 same column; the gap sits at b-position j
             vX = INF
             if lp <= j <= hp:
-                vX = pM[j] + go + ge
+                o = G + pa1 + pb[j]
+                vX = pM[j] + o
                 s = 0
-                t = pX[j] + ge
+                t = pX[j] + E
                 if t < vX:
                     vX = t
                     s = 1
-                t = pY[j] + go + ge
+                t = pY[j] + o + eb[j]
                 if t < vX:
                     vX = t
                     s = 2
                 p |= s << 2
-            # Y: b[j-1] unmatched, from same row j-1
+            # Y: b[j-1] unmatched, from same row j-1; the gap sits at a-position i
             vY = INF
             if j >= 1 and j - 1 >= l0:
-                vY = cM[j - 1] + go + ge
+                o = G + pb[j - 1] + pa0
+                vY = cM[j - 1] + o
                 s = 0
-                t = cX[j - 1] + go + ge
+                t = cX[j - 1] + o + ea0
                 if t < vY:
                     vY = t
                     s = 1
-                t = cY[j - 1] + ge
+                t = cY[j - 1] + E
                 if t < vY:
                     vY = t
                     s = 2
@@ -343,14 +398,16 @@ def _gotoh(a, b, lo, hi, go, ge, mt, ms, a_off, b_off):
         pM, cM = cM, pM
         pX, cX = cX, pX
         pY, cY = cY, pY
-    # final state
+    # final state (a gap still open ends at (n, m))
     best = pM[m]
     st = 0
-    if pX[m] < best:
-        best = pX[m]
+    t = pX[m] + ea[n]
+    if t < best:
+        best = t
         st = 1
-    if pY[m] < best:
-        best = pY[m]
+    t = pY[m] + eb[m]
+    if t < best:
+        best = t
         st = 2
     i = n
     j = m
@@ -368,7 +425,7 @@ def _gotoh(a, b, lo, hi, go, ge, mt, ms, a_off, b_off):
         else:
             st = (p >> 4) & 3
             j -= 1
-    return best
+    return best // S, (best % S) // K, (best % S) % K if three else 0
 
 
 @njit(cache=True, nogil=True)
@@ -388,24 +445,91 @@ def _band_rows(n, m, half):
 
 
 @njit(cache=True, nogil=True)
-def _align_region(a, b, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
-    """Align a[a0:a1] with b[b0:b1]: free common prefix/suffix, then the full DP when small; when
-    large, either defer it (append to out[no], return no + 1) or run the banded DP."""
+def _widen(fa, fb, mt, ms, a0, a1, b0, b1):
+    """Widen the region a[a0:a1] x b[b0:b1] (whose neighbours are matched bytes or the stream
+    ends) outward along the matched diagonal run on each side, over WIDEN_BOUNDS positions that are
+    token boundaries on both sides (at most WIDEN_MAX bytes), and unmatch those bytes: the DP, not
+    the anchor or trim that fixed them, then decides where the gaps next to them go. A side stops at
+    the last such position reached whose neighbour beyond is still a matched byte (or the stream
+    end), so the region keeps that property."""
+    n = mt.shape[0]
+    m = ms.shape[0]
+    x = a0
+    y = b0
+    w = 0
+    nb = 0
+    bx = a0
+    by = b0
+    while w < WIDEN_MAX and nb < WIDEN_BOUNDS and x > 0 and y > 0 and mt[x - 1] == y - 1:
+        x -= 1
+        y -= 1
+        w += 1
+        if fa[x] & fb[y] & CUT_BOUND:
+            nb += 1
+            if (x == 0 and y == 0) or (x > 0 and y > 0 and mt[x - 1] == y - 1):
+                bx = x
+                by = y
+    for q in range(bx, a0):
+        ms[mt[q]] = -1
+        mt[q] = -1
+    x = a1
+    y = b1
+    w = 0
+    nb = 0
+    ex = a1
+    ey = b1
+    while w < WIDEN_MAX and nb < WIDEN_BOUNDS and x < n and y < m and mt[x] == y:
+        x += 1
+        y += 1
+        w += 1
+        if fa[x] & fb[y] & CUT_BOUND:
+            nb += 1
+            if (x == n and y == m) or (x < n and y < m and mt[x] == y):
+                ex = x
+                ey = y
+    for q in range(a1, ex):
+        ms[mt[q]] = -1
+        mt[q] = -1
+    return bx, by, ex, ey
+
+
+@njit(cache=True, nogil=True)
+def _align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
+    """Align a[a0:a1] with b[b0:b1]. A region of <= full_cells cells gets the full DP as it is
+    (exact, tie-break included). A larger one first has its common prefix/suffix matched directly,
+    each cut back to the last position that is a token boundary on both sides (so the DP still
+    places the gaps next to it); what is left gets the full DP when small, else it is deferred
+    (appended to out[no], returns no + 1) or gets the banded DP."""
+    if a1 - a0 == 0 and b1 - b0 == 0:
+        return no
+    a0, b0, a1, b1 = _widen(fa, fb, mt, ms, a0, a1, b0, b1)
     n = a1 - a0
     m = b1 - b0
     if n == 0 or m == 0:
         return no
-    # equal common prefix / suffix of the region match for free
+    if (n + 1) * (m + 1) <= full_cells:
+        lo = np.zeros(n + 1, np.int64)
+        hi = np.full(n + 1, m, np.int64)
+        _gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
+        return no
     p = 0
     while p < n and p < m and a[a0 + p] == b[b0 + p]:
-        mt[a0 + p] = b0 + p
-        ms[b0 + p] = a0 + p
         p += 1
+    if p < n or p < m:
+        while p > 0 and not (fa[a0 + p] & fb[b0 + p] & CUT_BOUND):
+            p -= 1
     s = 0
     while s < n - p and s < m - p and a[a1 - 1 - s] == b[b1 - 1 - s]:
-        mt[a1 - 1 - s] = b1 - 1 - s
-        ms[b1 - 1 - s] = a1 - 1 - s
         s += 1
+    if s < n - p or s < m - p:
+        while s > 0 and not (fa[a1 - s] & fb[b1 - s] & CUT_BOUND):
+            s -= 1
+    for x in range(p):
+        mt[a0 + x] = b0 + x
+        ms[b0 + x] = a0 + x
+    for x in range(1, s + 1):
+        mt[a1 - x] = b1 - x
+        ms[b1 - x] = a1 - x
     a0 += p
     b0 += p
     a1 -= s
@@ -425,7 +549,7 @@ def _align_region(a, b, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer,
         return no + 1
     else:
         lo, hi = _band_rows(n, m, half)
-    _gotoh(a[a0:a1], b[b0:b1], lo, hi, go, ge, mt, ms, a0, b0)
+    _gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
     return no
 
 
@@ -477,7 +601,8 @@ def _lis(v):
 
 
 @njit(cache=True, nogil=True)
-def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer):
+def _segments_and_regions(a, b, fa, fb, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half,
+                          defer):
     """Anchors (pi[q], pj[q]) of k equal bytes, monotone. Mark anchor bytes matched (dropping
     ones that overlap the previous segment off its diagonal), then align the regions between.
     Returns the large regions left for finer anchoring (int64 [r, 4]; empty unless defer)."""
@@ -506,13 +631,13 @@ def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_
                 break
         if not same:
             continue  # hash collision
-        no = _align_region(a, b, ea, i, eb, j, mt, ms, go, ge, full_cells, half, defer, out, no)
-        for x in range(k):
+        for x in range(k):  # mark the anchor first: the region before it may widen into it
             mt[i + x] = j + x
             ms[j + x] = i + x
+        no = _align_region(a, b, fa, fb, ea, i, eb, j, mt, ms, go, ge, full_cells, half, defer, out, no)
         ea = i + k
         eb = j + k
-    no = _align_region(a, b, ea, a1, eb, b1, mt, ms, go, ge, full_cells, half, defer, out, no)
+    no = _align_region(a, b, fa, fb, ea, a1, eb, b1, mt, ms, go, ge, full_cells, half, defer, out, no)
     return out[:no].copy()
 
 
@@ -521,27 +646,72 @@ def _segments_and_regions(a, b, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_
 # --------------------------------------------------------------------------------------------
 
 
+def cut_flags(cum: np.ndarray, elig: np.ndarray | None = None, special: np.ndarray | None = None) -> np.ndarray:
+    """Per-position flags (uint8 [cum[-1] + 1]) of a byte stream with token offsets `cum`:
+    CUT_BOUND | CUT_END at token boundaries, CUT_END alone right after an eligible dummy-prefix
+    space (a gap that ends there leaves the rest of the token whole: the chunker drops the space),
+    CUT_SPECIAL where a special token (`special`: bool per token) sits and at both stream ends."""
+    cum = np.asarray(cum, dtype=np.int64)
+    f = np.zeros(int(cum[-1]) + 1, np.uint8)
+    f[cum] = CUT_BOUND | CUT_END
+    if elig is not None and elig.any():
+        f[cum[:-1][elig] + 1] |= CUT_END
+    if special is not None and special.any():
+        f[cum[:-1][special]] |= CUT_SPECIAL
+    f[0] |= CUT_SPECIAL
+    f[-1] |= CUT_SPECIAL
+    return f
+
+
+def _check_flags(f, n, what):
+    if f is None:
+        return np.full(n + 1, CUT_ALL, np.uint8)
+    f = np.ascontiguousarray(f, dtype=np.uint8)
+    if f.shape != (n + 1,):
+        raise ValueError(f"{what}: expected shape ({n + 1},) (one flag per position between bytes), got {f.shape}.")
+    return f
+
+
+def _check_size(n, m, go, ge):
+    N = n + m
+    if (go + ge + 3) * (N + 1) * (3 * N + 1) >= _INF:
+        raise ValueError(f"byte_match(): {n} + {m} bytes is too long for one alignment (the DP's int64 "
+                         f"costs would overflow); align the text in pieces.")
+
+
 def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: int = FULL_DP_CELLS,
                half: int = BAND_HALF, last_full_cells: int = LAST_FULL_DP_CELLS, go: int = GAP_OPEN,
-               ge: int = GAP_EXTEND) -> tuple[np.ndarray, np.ndarray]:
+               ge: int = GAP_EXTEND, a_flags: np.ndarray | None = None,
+               b_flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Monotone matching of two byte streams (uint8). Returns (mt, ms): mt[i] = index in b that
-    a[i] is matched to, or -1; ms the inverse. Exact optimal affine-gap DP for small inputs
-    (<= full_cells); larger ones are anchored on unique k-grams, then unique k/2-grams inside the
-    large regions left, then each remaining region gets the full DP up to last_full_cells and a
-    band of half-width `half` around its diagonal beyond that."""
+    a[i] is matched to, or -1; ms the inverse. a_flags/b_flags (`cut_flags`; default: every
+    position a boundary and a special) say where the tokens are, for the DP's tie-break. Exact
+    optimal DP, tie-break included, for small inputs (<= full_cells); larger ones are trimmed,
+    anchored on unique k-grams, then unique k/2-grams inside the large regions left, then each
+    remaining region gets the full DP up to last_full_cells and a band of half-width `half` around
+    its diagonal beyond that (every DP region widened to shared token boundaries first)."""
     a = np.ascontiguousarray(a, dtype=np.uint8)
     b = np.ascontiguousarray(b, dtype=np.uint8)
     n, m = a.shape[0], b.shape[0]
+    fa, fb = _check_flags(a_flags, n, "byte_match(): a_flags"), _check_flags(b_flags, m, "byte_match(): b_flags")
+    _check_size(n, m, go, ge)
     mt = np.full(n, -1, np.int64)
     ms = np.full(m, -1, np.int64)
     if n == 0 or m == 0:
         return mt, ms
-    # common prefix / suffix
-    L = min(n, m)
+    # common prefix / suffix, each cut back to the last position that is a token boundary on both
+    # sides (unless it consumes everything), so the DP still places the gaps next to it
+    L = min(n, m) if (n + 1) * (m + 1) > full_cells else 0  # small: the exact DP does it all
     neq = np.flatnonzero(a[:L] != b[:L])
     p = int(neq[0]) if neq.size else L
+    if p < n or p < m:
+        q = np.flatnonzero(fa[:p + 1] & fb[:p + 1] & CUT_BOUND)
+        p = int(q[-1]) if q.size else 0
     neq = np.flatnonzero(a[n - L + p:][::-1] != b[m - L + p:][::-1]) if L > p else np.empty(0, np.int64)
     s = int(neq[0]) if neq.size else L - p
+    if s < n - p or s < m - p:
+        q = np.flatnonzero(fa[n - s:n + 1][::-1] & fb[m - s:m + 1][::-1] & CUT_BOUND)
+        s = int(q[-1]) if q.size else 0
     if p:
         mt[:p] = np.arange(p)
         ms[:p] = np.arange(p)
@@ -564,7 +734,7 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
                 pi, pj = _anchors(a[a0:a1], b[b0:b1], kk)
                 pi, pj, kq = pi + a0, pj + b0, kk
             fc = full_cells if kk is not None else max(full_cells, last_full_cells)
-            todo.append(_segments_and_regions(a, b, pi, pj, kq, a0, a1, b0, b1, mt, ms, go, ge, fc,
+            todo.append(_segments_and_regions(a, b, fa, fb, pi, pj, kq, a0, a1, b0, b1, mt, ms, go, ge, fc,
                                               half, kk is not None))
         regions = np.concatenate(todo) if todo else np.empty((0, 4), np.int64)
         if regions.shape[0] == 0:
@@ -572,17 +742,22 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
     return mt, ms
 
 
-def dp_match(a: np.ndarray, b: np.ndarray, go: int = GAP_OPEN, ge: int = GAP_EXTEND):
-    """The plain full affine-gap DP (no trimming, anchors or band): (mt, ms, cost). For tests and
-    benchmarks; `byte_match` is what the aligner uses."""
+def dp_match(a: np.ndarray, b: np.ndarray, go: int = GAP_OPEN, ge: int = GAP_EXTEND,
+             a_flags: np.ndarray | None = None, b_flags: np.ndarray | None = None):
+    """The plain full affine-gap DP (no trimming, anchors or band): (mt, ms, cost, splits, misses),
+    where splits and misses are the tie-break counts (see `_gotoh`). For tests and benchmarks; `byte_match` is what
+    the aligner uses."""
     a = np.ascontiguousarray(a, dtype=np.uint8)
     b = np.ascontiguousarray(b, dtype=np.uint8)
+    fa = _check_flags(a_flags, a.shape[0], "dp_match(): a_flags")
+    fb = _check_flags(b_flags, b.shape[0], "dp_match(): b_flags")
+    _check_size(a.shape[0], b.shape[0], go, ge)
     mt = np.full(a.shape[0], -1, np.int64)
     ms = np.full(b.shape[0], -1, np.int64)
     lo = np.zeros(a.shape[0] + 1, np.int64)
     hi = np.full(a.shape[0] + 1, b.shape[0], np.int64)
-    cost = _gotoh(a, b, lo, hi, go, ge, mt, ms, 0, 0)
-    return mt, ms, int(cost)
+    cost, splits, misses = _gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, 0, 0)
+    return mt, ms, int(cost), int(splits), int(misses)
 
 
 def _anchors(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -654,7 +829,8 @@ def align_arrays(t_data, t_offsets, t_special, s_data, s_offsets, s_special, tea
         if _streams_equal(ta2, sa2):
             chunks, t_in, s_in = _chunk_pass(tcum2, z0, scum2, z1, e, e, True)
             return chunks, _runs(t_in), _runs(s_in), ("exact", int(ta2.shape[0]), int(ta.shape[0]), int(sa.shape[0]))
-    mt, ms = byte_match(ta, sa)
+    mt, ms = byte_match(ta, sa, a_flags=cut_flags(tcum, telig, t_special[tids]),
+                        b_flags=cut_flags(scum, selig, s_special[sids]))
     tskip, sskip = _skips(tcum, telig, mt), _skips(scum, selig, ms)
     chunks, t_in, s_in = _chunk_pass(tcum, tskip, scum, sskip, mt, ms, False)
     return chunks, _runs(t_in), _runs(s_in), ("dp", int((mt >= 0).sum()), int(ta.shape[0]), int(sa.shape[0]))
