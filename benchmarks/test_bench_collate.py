@@ -1,12 +1,19 @@
 """Collator throughput (run with `pytest benchmarks/test_bench_collate.py --benchmark -s`).
 
-Collated student tokens/s in one process (= per DataLoader worker; reported per CPU-second of that
-process, which is what one worker on a dedicated core delivers, and per wall-second on this machine), 2 teachers with different
-tokenizers (Tekken 131k, SentencePiece 32k), top-k = 64, 2k-token student sequences (GPT-2
-tokenizer when ../shared/assets has it, else Mistral's v3 SentencePiece), stores written with the
-real store writer, projections built by `projection_tools.build`. Target: >= 200k tokens/s per
-worker. Compared with a naive reference doing the same work with per-token Python loops
-(dict-based projection, per-chunk sums), checked equal on the benchmarked batch.
+Collated student tokens per CPU-second of one process (= per DataLoader worker on a dedicated core;
+CPU time, not wall time, because the development box is shared), 2 teachers with different tokenizers
+(Tekken 131k, SentencePiece 32k), top-k = 64, 2k-token student sequences (GPT-2 tokenizer when
+../shared/assets has it, else Mistral's v3 SentencePiece), stores written with the real store writer
+(two configurations: top-k only, and top-k + 16 sampled tail ids per position as `--sample-tail 16`
+writes them), projections built by `projection_tools.build`. Target: >= 200k tokens/s per worker.
+
+Prints a per-stage breakdown (CPU ms per 2048 student tokens): the student tokenisation, the tokenizer
+library's own encode of the same texts (its floor), store reads (row groups cached, and cold: a fresh
+store, so every row group is read and decompressed), alignment, targets (run filter, decoding of the
+packed top-k, projection, chunk sums; the decode + projection kernel alone also listed), padding into
+tensors; and, not part of the collator (so not in the throughput figure), what a DataLoader worker then
+spends sending the batch (torch moves every tensor into shared memory). Checked equal to a naive reference doing the same work with per-token Python loops on the
+store's own decoder (dict-based projection, per-chunk sums), whose speed is printed too.
 
 Teacher top-k data is synthetic but shaped like a real teacher's: 64 distinct ids per position drawn
 from a Zipf-like law over the vocabulary, log-probs descending, tail mass 5-40 %.
@@ -26,6 +33,8 @@ from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN
 K = 64
 SEQ = 2048
 BATCH = 8
+TAIL_M = 16
+TARGET = 200_000  # student tokens per worker CPU-second
 
 
 def _student_spec():
@@ -41,7 +50,7 @@ def _texts(n, student):
         import inspect, json as _j, argparse  # noqa: E401
         text = "\n".join(inspect.getsource(m) for m in (_j.decoder, _j.encoder, argparse))
     # pieces of about SEQ student tokens (a little more: truncation to max_length keeps SEQ)
-    out, pos, step = [], 0, 0
+    out, pos = [], 0
     probe = student.encode(text[:20000])
     step = int(20000 * (SEQ + 16) / max(len(probe), 1))
     while len(out) < n:
@@ -52,8 +61,9 @@ def _texts(n, student):
     return out
 
 
-def _synthetic_example(t_ids, vocab, rng):
-    """Stored arrays for one teacher sequence: distinct Zipf-like top-k ids, descending log-probs."""
+def _synthetic_example(t_ids, vocab, rng, m):
+    """Stored arrays for one teacher sequence: distinct Zipf-like top-k ids, descending log-probs, and
+    m sampled tail ids per position (ranks beyond the top-k)."""
     P = len(t_ids) - 1
     R = 4096  # candidate ranks per row
     ranks = np.argpartition(rng.random((P, R)) ** 0.5 * np.arange(1, R + 1) ** 0.8, K, axis=1)[:, :K]
@@ -63,30 +73,33 @@ def _synthetic_example(t_ids, vocab, rng):
     w = np.sort(rng.dirichlet(np.full(K, 0.5), P), axis=1)[:, ::-1] * (1.0 - tail[:, None])
     lp = np.log(np.maximum(w, 1e-30)).astype(np.float32)
     tl = rng.uniform(-6, -0.01, P).astype(np.float32)
+    tail_ids = perm[rng.integers(K, R, (P, m))].astype(np.int32) if m else None
     return dict(input_ids=np.asarray(t_ids, np.int32), positions=np.arange(P, dtype=np.int32), topk_ids=ids,
-                topk_logprobs=lp, tail_mass=tail, target_logprob=tl, word_start_mass=np.zeros(P, np.float32))
+                topk_logprobs=lp, tail_mass=tail, target_logprob=tl, word_start_mass=np.zeros(P, np.float32),
+                tail_ids=tail_ids)
 
 
-def _write_store(path, tok, rows, rng):
+def _write_store(path, tok, rows, rng, m):
     """A real store (xtok.store writer + encoding) holding synthetic top-k for the rows' texts."""
     from xtok import store as st
 
     w = st.StoreWriter(str(path), {"model": "synthetic", "tokenizer_hash": tok.content_hash, "top_k": K,
-                                   "vocab_size": tok.vocab_size, "sample_tail": 0, "temperature": 1.0})
+                                   "vocab_size": tok.vocab_size, "sample_tail": m, "temperature": 1.0})
     enc = []
     for r in rows:
         ids = tok.encode(r["text"], add_special_tokens=True)[: SEQ + 600]
-        e = _synthetic_example(ids, tok.vocab_size, rng)
+        e = _synthetic_example(ids, tok.vocab_size, rng, m)
         enc.append(st.encode_example(r["id"], r["text"], e["input_ids"], e["positions"], e["topk_ids"],
                                      st.quantize_logprobs(e["topk_logprobs"]), e["tail_mass"], e["target_logprob"],
-                                     e["word_start_mass"], tok.vocab_size))
+                                     e["word_start_mass"], tok.vocab_size, tail_ids=e["tail_ids"]))
     w.write_shard(0, enc)
     w.finish()
     return path
 
 
 class _NaiveCollator:
-    """The same outputs with per-token Python loops (reference for correctness and speed)."""
+    """The same outputs with per-token Python loops on the store's own decoder (`TeacherStore[key]`):
+    reference for correctness and speed."""
 
     def __init__(self, col):
         self.col = col
@@ -99,24 +112,48 @@ class _NaiveCollator:
         out = {"teachers": {}}
         for t in col.teachers:
             W = t.projector(col.student).proj
+            tbytes, sbytes = t.tok.token_bytes, col.student.token_bytes
             res = []
             for x in xs:
-                ex = t.lookup(x.key)
-                a = align(t.tok, col.student, np.asarray(ex.input_ids, np.int64), x.input_ids)
+                ex = t.teacher_store[x.key]
+                t_ids = np.asarray(ex.input_ids, np.int64)
+                a = align(t.tok, col.student, t_ids, x.input_ids)
+                # run filter: chunks with no byte between them on either side form a run; keep runs of
+                # >= min_run_bytes matched bytes or starting at byte 0 on both sides
+                tb = [0]
+                for i in t_ids.tolist():
+                    tb.append(tb[-1] + (0 if tbytes.is_special[i] else len(tbytes.get(i))))
+                sb = [0]
+                for i in x.input_ids.tolist():
+                    sb.append(sb[-1] + (0 if sbytes.is_special[i] else len(sbytes.get(i))))
+                runs, cur = [], []
+                for c in a.chunks.tolist():
+                    if cur and (tb[c[0]] != tb[cur[-1][1]] or sb[c[2]] != sb[cur[-1][3]]):
+                        runs.append(cur)
+                        cur = []
+                    cur.append(c)
+                if cur:
+                    runs.append(cur)
+                kept = [c for r in runs for c in r
+                        if sum(min(tb[q[1]] - tb[q[0]], sb[q[3]] - sb[q[2]]) for q in r) >= t.min_run_bytes
+                        or (tb[r[0][0]] == 0 and sb[r[0][2]] == 0)]
                 pos_row = {int(p): i for i, p in enumerate(ex.positions)}
+                m = 0 if ex.tail_ids is None else ex.tail_ids.shape[1]
                 targets = []
-                for t0, t1, s0, s1 in a.chunks.tolist():
+                for t0, t1, s0, s1 in kept:
                     if t0 < 1 or s0 < 1 or x.labels[s0] == -100 or (t0 - 1) not in pos_row:
                         continue
                     r = pos_row[t0 - 1]
+                    src = [(v, float(np.exp(lp))) for v, lp in zip(ex.topk_ids[r].tolist(), ex.topk_logprobs[r].tolist())]
+                    if m:
+                        src += [(v, float(ex.tail_mass[r]) / m) for v in ex.tail_ids[r].tolist() if v >= 0]
                     acc = {}
-                    for v, lp in zip(ex.topk_ids[r].tolist(), ex.topk_logprobs[r].tolist()):
-                        p = float(np.exp(lp))
+                    for v, p in src:
                         for c, wv in zip(*W.row(v)):
                             acc[int(c)] = acc.get(int(c), 0.0) + p * float(wv)
                     targets.append((s0 - 1, acc, 1.0 - sum(acc.values())))
                 chunks = []
-                for t0, t1, s0, s1 in a.chunks.tolist():
+                for t0, t1, s0, s1 in kept:
                     if t0 < 1 or s0 < 1:
                         continue
                     if all((p in pos_row) for p in range(t0 - 1, t1 - 1)) and all(x.labels[s] != -100 for s in range(s0, s1)):
@@ -126,13 +163,14 @@ class _NaiveCollator:
         return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, TAIL_M], ids=["topk", "sampled_tail"])
+def setup(request, tmp_path_factory):
     from projection_tools.build import build_projection
     from xtok.collate import CrossTokenizerCollator, TeacherSpec
     from xtok.tokens import load_tokenizer
 
-    d = tmp_path_factory.mktemp("bench_collate")
+    m = request.param
+    d = tmp_path_factory.mktemp(f"bench_collate_m{m}")
     student = load_tokenizer(_student_spec())
     rng = np.random.default_rng(0)
     rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(_texts(4 * BATCH, student))]
@@ -141,48 +179,141 @@ def setup(tmp_path_factory):
         tok = load_tokenizer(spec)
         W = build_projection(tok, student, progress=False)
         W.save(d / f"{name}.safetensors")
-        store = _write_store(d / f"{name}_store", tok, rows, rng)
+        store = _write_store(d / f"{name}_store", tok, rows, rng, m)
         specs.append(TeacherSpec(name, spec, str(store), str(d / f"{name}.safetensors")))
     col = CrossTokenizerCollator(_student_spec(), specs, max_length=SEQ)
-    return col, rows
+    return col, rows, m
+
+
+def _stages(col, rows) -> tuple[dict, int]:
+    """CPU seconds per stage for one batch, replaying what `CrossTokenizerCollator.__call__` does."""
+    from xtok.collate import IGNORE_INDEX, _align_chunks, _pad_teacher, build_targets
+
+    pt = time.process_time
+    st = {}
+    c0 = pt()
+    xs = [col.tokenize(r) for r in rows]
+    st["tokenize"] = pt() - c0
+    ntok = sum(len(x.input_ids) for x in xs)
+    for t in col.teachers:
+        proj = t.projector(col.student)
+        c0 = pt()
+        exs = [t.lookup(x.key) for x in xs]
+        st[f"read_{t.name}"] = pt() - c0
+        c0 = pt()
+        al = [_align_chunks(t.tok, col.student, np.asarray(e.input_ids, np.int64), x.input_ids) for e, x in zip(exs, xs)]
+        st[f"align_{t.name}"] = pt() - c0
+        kern = [0.0]
+
+        def timed(ex, rows, _p=proj, _k=kern):
+            c = pt()
+            r = _p(ex, rows)
+            _k[0] += pt() - c
+            return r
+
+        c0 = pt()
+        per = [build_targets(ch, e, x.labels != IGNORE_INDEX, timed, col.student.token_bytes.is_special[x.input_ids],
+                             t.min_coverage, tc, sc, t.min_run_bytes) for (ch, _path, tc, sc), e, x in zip(al, exs, xs)]
+        st[f"targets_{t.name}"] = pt() - c0
+        st[f"targets_{t.name}_kernel"] = kern[0]  # of which: the decode + projection kernel
+        c0 = pt()
+        _pad_teacher(per, torch)
+        st[f"pad_{t.name}"] = pt() - c0
+    return st, ntok
+
+
+def _tokenizer_floor(col, rows) -> float | None:
+    """CPU seconds of the tokenizer library's own encode (no xtok wrapper) of the batch's texts."""
+    p = ASSETS / "tokenizers" / "gpt2" / "tokenizer.json"
+    if not p.exists():
+        return None
+    import tokenizers
+
+    tk = tokenizers.Tokenizer.from_file(str(p))
+    texts = [r["text"] for r in rows]
+    tk.encode(texts[0])
+    c0 = time.process_time()
+    for s in texts:
+        tk.encode(s, add_special_tokens=False)
+    return time.process_time() - c0
+
+
+def _cold_reads(col, rows) -> float:
+    """CPU seconds of the store reads of a batch from freshly opened stores (nothing cached)."""
+    from xtok.collate import TeacherSpec
+
+    tot = 0.0
+    for t in col.teachers:
+        fresh = TeacherSpec(t.name, t.tok, t.store, t.projection)
+        fresh.teacher_store  # noqa: B018  (open; the manifest read is not part of a row read)
+        c0 = time.process_time()
+        for r in rows:
+            fresh.lookup(r["id"])
+        tot += time.process_time() - c0
+    return tot
+
+
+def _worker_transfer(out) -> float:
+    """CPU seconds a DataLoader worker spends sending a batch: its queue pickles every tensor by moving
+    its storage into shared memory (torch.multiprocessing's reductions), a copy + page faults."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+
+    buf = io.BytesIO()
+    c0 = time.process_time()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(out)
+    dt = time.process_time() - c0
+    del buf
+    return dt
 
 
 def test_collate_throughput(setup):
-    col, rows = setup
+    col, rows, m = setup
     torch.set_num_threads(1)
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     col(batches[0])  # warm-up: kernels, stores, projections
-    times, cpus, toks = [], [], []
-    for _ in range(3):
-        for b in batches:
+    rounds = 3
+    cpus = np.zeros((rounds, len(batches)))
+    walls = np.zeros_like(cpus)
+    toks = np.zeros(len(batches))
+    for k in range(rounds):
+        for j, b in enumerate(batches):
             c0, t0 = time.process_time(), time.perf_counter()
             out = col(b)
-            times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-            toks.append(int(out["attention_mask"].sum()))
-    times, cpus, toks = np.asarray(times), np.asarray(cpus), np.asarray(toks)
-    tps_wall = toks.sum() / times.sum()
-    tps_cpu = toks.sum() / cpus.sum()
-    # stage breakdown (CPU time) on one batch
-    b = batches[0]
-    c0 = time.process_time()
-    xs = [col.tokenize(r) for r in b]
-    stage = {"tokenize": time.process_time() - c0}
-    for t in col.teachers:
-        c0 = time.process_time()
-        exs = [t.lookup(x.key) for x in xs]
-        stage[f"read_{t.name}"] = time.process_time() - c0
-        c0 = time.process_time()
-        for x in xs:
-            col.targets(t, x)
-        stage[f"targets_{t.name}"] = time.process_time() - c0 - stage[f"read_{t.name}"]
-        assert all(e is not None for e in exs)
-    c0 = time.process_time()
-    col(b)
-    stage["whole_batch"] = time.process_time() - c0
-    ntok = sum(len(x.input_ids) for x in xs)
-    # naive reference on one batch: same targets, and its speed
+            walls[k, j] = time.perf_counter() - t0
+            cpus[k, j] = time.process_time() - c0
+            toks[j] = int(out["attention_mask"].sum())
+    tps_cpu = toks.sum() * rounds / cpus.sum()
+    tps_best = toks.sum() / cpus.min(axis=0).sum()  # best round per batch: least disturbed by other load
+    tps_wall = toks.sum() * rounds / walls.sum()
+    # stage breakdown (CPU time), best of 3 per stage over the batches
+    per_stage: dict[str, float] = {}
+    ntok_all = 0
+    for b in batches:
+        best = None
+        for _ in range(3):
+            st, ntok = _stages(col, b)
+            best = st if best is None else {k: min(v, st[k]) for k, v in best.items()}
+        for k, v in best.items():
+            per_stage[k] = per_stage.get(k, 0.0) + v
+        ntok_all += ntok
+        floor = _tokenizer_floor(col, b)
+        if floor is not None:
+            per_stage["tokenizer_library_encode"] = per_stage.get("tokenizer_library_encode", 0.0) + floor
+        per_stage["cold_read_both"] = per_stage.get("cold_read_both", 0.0) + _cold_reads(col, b)
+        per_stage["worker_transfer_to_shm"] = per_stage.get("worker_transfer_to_shm", 0.0) + min(
+            _worker_transfer(col(b)) for _ in range(2))
+    ms = {k: 1e3 * v / ntok_all * SEQ for k, v in per_stage.items()}
+    ms["whole_batch"] = 1e3 * cpus.min(axis=0).sum() / toks.sum() * SEQ
+    print("\nCPU ms per 2048 student tokens (best of 3):")
+    for k, v in ms.items():
+        print(f"  {k + (' (decode + projection kernel, part of targets)' if k.endswith('_kernel') else ''):60s} {v:7.2f}")
+    # naive reference on two rows: same targets, and its speed
     naive = _NaiveCollator(col)
+    b = batches[0]
     t0 = time.process_time()
     ref = naive(b[:2])
     t_naive = time.process_time() - t0
@@ -201,8 +332,12 @@ def test_collate_throughput(setup):
             assert int(tt["chunk_mask"][i].sum()) == len(chunks)
             assert np.allclose(tt["chunk_teacher_logprob"][i][tt["chunk_mask"][i]].numpy(), [c[2] for c in chunks], atol=1e-3)
     naive_tps = int(got["attention_mask"].sum()) / t_naive
-    report("collate", student=col.student.name, teachers="+".join(t.name for t in col.teachers), k=K, seq=SEQ,
-           batch=BATCH, tokens_per_cpu_s=float(tps_cpu), tokens_per_wall_s=float(tps_wall),
-           naive_tokens_per_s=float(naive_tps), speedup_vs_naive=float(tps_wall / naive_tps),
-           cpu_load=float(os.getloadavg()[0]), **{f"cpu_ms_per_2k_{k}": 1e3 * v / ntok * 2048 for k, v in stage.items()})
-    assert tps_wall > 10 * naive_tps
+    report("collate", config="sampled_tail" if m else "topk", student=col.student.name,
+           teachers="+".join(t.name for t in col.teachers), k=K, tail_m=m, seq=SEQ, batch=BATCH,
+           tokens_per_cpu_s=float(tps_cpu), tokens_per_cpu_s_best=float(tps_best), tokens_per_wall_s=float(tps_wall),
+           naive_tokens_per_s=float(naive_tps), speedup_vs_naive=float(tps_cpu / naive_tps),
+           cpu_load=float(os.getloadavg()[0]),
+           **{f"cpu_ms_per_2k_{k}": v for k, v in ms.items()})
+    assert tps_cpu > 10 * naive_tps
+    assert tps_best >= TARGET, (f"{tps_best:.0f} student tokens per worker CPU-second (best round), target {TARGET}; "
+                                f"load {os.getloadavg()[0]:.1f}: rerun on a quieter machine if it is loaded")

@@ -1,11 +1,12 @@
 """Distil one student from two teachers with different tokenizers, using only xtok's public API.
 
-    python examples/distill_two_teachers.py [--steps 30] [--workdir .cache/example]
+    python examples/distill_two_teachers.py [--steps 30] [--workdir .cache/example] [--workers 2] [--rows N]
 
 The flow (each step is what you would do at scale):
   1. `xtok extract`          run each teacher once over the dataset -> a teacher store (top-k log-probs)
   2. `xtok build-projection` once per (teacher tokenizer, student tokenizer) pair -> W
-  3. `xtok.CrossTokenizerCollator` tokenises for the student, aligns, projects the stored targets
+  3. `xtok.CrossTokenizerCollator` tokenises for the student, aligns, projects the stored targets,
+     in DataLoader worker processes (--workers, default 2)
   4. `xtok.MultiTeacherLossAggregator` SFT + per-teacher KL (+ chunk likelihood) in one pass
 
 Teachers: `stories260K` (a real, trained tiny Llama with its own 512-token SentencePiece vocabulary,
@@ -52,6 +53,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "example"))
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes running the collator")
+    ap.add_argument("--rows", type=int, default=None, help="use only the first N paragraphs (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = Path(args.workdir)
@@ -59,7 +62,7 @@ def main():
 
     # -- a small text dataset with stable keys --------------------------------------------------------
     text = (ASSETS / "corpora" / "tinystories_sample.txt").read_text(encoding="utf-8")
-    paras = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
+    paras = [p.strip() for p in text.split("\n") if len(p.strip()) > 40][: args.rows]
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"ex{i}", "text": p}) + "\n" for i, p in enumerate(paras)))
     rows = [json.loads(line) for line in data.read_text().splitlines()]
@@ -87,8 +90,8 @@ def main():
     teachers = [TeacherSpec("stories", str(t1), str(work / "store-stories"), str(work / "W-stories.safetensors")),
                 TeacherSpec("gpt2", str(gpt2_tok), str(work / "store-gpt2"), str(work / "W-gpt2.safetensors"))]
     collator = CrossTokenizerCollator(STUDENT_TOK, teachers, max_length=512)
-    loader = DataLoader(rows, batch_size=4, shuffle=True, collate_fn=collator, num_workers=0,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(rows, batch_size=4, shuffle=True, collate_fn=collator, num_workers=args.workers,
+                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
 
     # 4. the loss: SFT + KL from both teachers (+ chunk likelihood from the real one)
     loss_fn = MultiTeacherLossAggregator({"stories": TeacherLoss(weight=1.0, chunk_weight=0.5),

@@ -4,27 +4,34 @@ Per batch the collator tokenises every row with the student tokenizer (plain tex
 messages rendered with a template, assistant-only labels), and for every teacher:
 
 1. fetches the teacher's stored example (`xtok extract` output) by the row's example key;
-2. aligns the teacher's stored token ids with the student's ids (`xtok.align`: chunks of equal bytes);
-3. for every aligned chunk `(t_start, t_end, s_start, s_end)` with `t_start >= 1`, `s_start >= 1`,
+2. aligns the teacher's stored token ids with the student's ids (`xtok.align`: chunks of equal bytes;
+   when one byte stream is a prefix of the other, e.g. truncation, the exact merge of the common
+   prefix, without a DP);
+3. keeps only chunks inside *runs* of at least `min_run_bytes` matched bytes (a run: consecutive
+   chunks with no byte between them on either side, so the teacher-minus-student byte offset is
+   constant and the text since the run's start is equal on both sides); an isolated common token
+   that the DP found inside text that differs is no target (`short_run_chunks` counts them);
+4. for every kept chunk `(t_start, t_end, s_start, s_end)` with `t_start >= 1`, `s_start >= 1`,
    the student token `s_start` trained (label != -100) and the teacher output position `t_start - 1`
    stored: projects the teacher's stored top-k (plus sampled tail ids, each of weight
    `tail_mass / m`, when the store has them) through W into a sparse student distribution, the target
    of student output position `s_start - 1`; `tail_mass` = teacher mass the target does not hold;
-4. sums the teacher's `target_logprob` over each chunk's teacher tokens (positions `t_start-1 ..
+5. sums the teacher's `target_logprob` over each kept chunk's teacher tokens (positions `t_start-1 ..
    t_end-2`) -> `chunk_teacher_logprob`, with the chunk's student span `(s_start, s_end)`; a chunk
    whose teacher positions are not all stored, or whose student tokens are not all trained, is dropped.
 
-Teachers lacking an example, or whose stored text does not match the student's (alignment chunks
-cover less than `min_coverage` of the student's trained text tokens within the aligned range),
-get `present = False` and all-masked targets, and a counter in `batch["stats"]`; never an exception.
+Teachers lacking an example, or whose stored text does not match the student's (kept chunks cover
+less than `min_coverage` of the student's trained text tokens within the aligned range), get
+`present = False` and all-masked targets, and a counter in `batch["stats"]`; never an exception.
 
 Output layout: see docs/architecture.md "collate -> losses" and docs/collator.md.
 
 Worker safety: `TeacherSpec` and the collator pickle as paths + small config; stores, projections
 and tokenizers are opened lazily in each process; Numba kernels are compiled once per process
 (`cache=True`, so workers load them from the on-disk cache); torch/numba are imported lazily.
-All per-example work is vectorised numpy or a Numba kernel; Python loops run over the batch
-and the teachers only.
+All per-example work is vectorised numpy or a Numba kernel (the top-k rows of an `xtok extract`
+store are decoded by a kernel straight from the packed shard bytes); Python loops run over the
+batch and the teachers only.
 """
 from __future__ import annotations
 
@@ -36,9 +43,16 @@ import numpy as np
 
 from .tokens import Tokenizer, load_tokenizer
 
-__all__ = ["TeacherSpec", "CrossTokenizerCollator", "TeacherTargets", "StudentExample", "example_key"]
+__all__ = ["TeacherSpec", "CrossTokenizerCollator", "TeacherTargets", "StudentExample", "example_key",
+           "CollatorError", "run_filter", "MIN_RUN_BYTES"]
 
 IGNORE_INDEX = -100
+MIN_RUN_BYTES = 16  # default TeacherSpec.min_run_bytes
+
+
+class CollatorError(ValueError):
+    """A teacher set-up the collator refuses (store/tokenizer mismatch, unverifiable store); the message
+    names the store and the fix."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -46,113 +60,225 @@ IGNORE_INDEX = -100
 # ------------------------------------------------------------------------------------------
 
 
-def _project_rows_py(indptr, cols, vals, n_student, max_row_nnz, rows, topk_ids, topk_p, tail_ids, tail_w):
-    """Project stored teacher rows through a CSR matrix W [V_t, V_s], fused with the gather.
+def _decode_row_into_py(r, ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, tail_none, m, table, codes,
+                        out_ids, out_p):
+    """Decode store row r straight from an `xtok extract` shard's packed bytes (docs/formats.md) into
+    out_ids int32 [k+m] (-1 = none) / out_p float32 [k+m].
 
-    For each i, store row r = rows[i]: teacher ids topk_ids[r] with probs topk_p[r], and
-    tail_ids[r] with prob tail_w[r] each (tail_ids may have 0 columns); ids < 0 are padding. Each
-    teacher id's W row is scaled by its prob and duplicate student ids are merged. Returns a flat
-    CSR result (ids int32, probs float32, offsets int64 [n+1]) and the per-row tail
-    `max(0, 1 - sum of the row's probs)` (float32 [n]); within a row the student ids are unique,
-    in order of first appearance (deterministic)."""
-    n = rows.shape[0]
-    k = topk_ids.shape[1]
-    m = tail_ids.shape[1]
-    ub = n * (k + m) * max_row_nnz
-    if ub > (1 << 24):  # large rows: count exactly instead of allocating the bound
-        ub = 0
-        for i in range(n):
-            r = rows[i]
-            for j in range(k):
-                t = topk_ids[r, j]
-                if t >= 0:
-                    ub += indptr[t + 1] - indptr[t]
-            for j in range(m):
-                t = tail_ids[r, j]
-                if t >= 0:
-                    ub += indptr[t + 1] - indptr[t]
-    out_ids = np.empty(ub, np.int32)
-    out_p = np.empty(ub, np.float32)
-    offsets = np.empty(n + 1, np.int64)
-    tail = np.empty(n, np.float32)
-    slot = np.full(n_student, -1, np.int32)  # student id -> index in the current row
-    pos = 0
-    for i in range(n):
-        r = rows[i]
-        base = pos
-        offsets[i] = base
-        for j in range(k + m):
-            if j < k:
-                t = topk_ids[r, j]
-                p = topk_p[r, j]
+    ids_buf uint8: packed top-k ids of all P*k entries; id_mode 0: uint16, 1: 16 low bits + 2 high bits
+    four per byte after them, 2: uint32 (little endian). deltas uint8 [P*(k-1)]: deltas of the monotone
+    log-prob codes (code 0 = top-1). n_kept: [P] or empty (all k kept). tail float32 [P]: exact tail
+    mass r. tail_buf/tail_none: packed sampled tail ids (P*m) and the big-endian bit mask of empty draws
+    (m = 0: none). table float64 [256]: exp(-d(code)). codes: int64 scratch [>= k].
+    p_j = max(1 - r, 1e-300) * table[c_j] / sum_{valid i} table[c_i] (what `TeacherStore` decodes,
+    without its log round trip), and r / m for each sampled tail id."""
+    P = tail.shape[0]
+    nk = np.int64(n_kept[r]) if n_kept.shape[0] > 0 else np.int64(k)
+    c = np.int64(0)
+    z = 0.0
+    for j in range(k):
+        if j > 0:
+            c = (c + np.int64(deltas[r * (k - 1) + j - 1])) & 255
+        codes[j] = c
+        if j < nk:
+            z += table[c]
+    mass = 1.0 - np.float64(tail[r])
+    if mass < 1e-300:
+        mass = 1e-300
+    scale = mass / z if z > 0 else 0.0
+    for w in range(2):
+        buf = ids_buf if w == 0 else tail_buf
+        cnt = k if w == 0 else m
+        n_all = P * cnt
+        for j in range(cnt):
+            o = j if w == 0 else k + j
+            e = r * cnt + j
+            if w == 0:
+                if j >= nk:
+                    out_ids[o] = -1
+                    out_p[o] = 0.0
+                    continue
+                out_p[o] = scale * table[codes[j]]
             else:
-                t = tail_ids[r, j - k]
-                p = tail_w[r]
-            if t < 0 or not p > 0:
-                continue
-            for z in range(indptr[t], indptr[t + 1]):
-                c = cols[z]
-                s = slot[c]
-                if s < 0:
-                    slot[c] = pos - base
-                    out_ids[pos] = c
-                    out_p[pos] = p * vals[z]
-                    pos += 1
-                else:
-                    out_p[base + s] += p * vals[z]
-        tot = 0.0
-        for j in range(base, pos):  # row mass; reset the scratch for the next row
-            tot += out_p[j]
-            slot[out_ids[j]] = -1
-        tail[i] = max(0.0, 1.0 - tot)
-    offsets[n] = pos
-    return out_ids[:pos], out_p[:pos], offsets, tail
-
-
-def _project_rows_onehot_py(col_of, val_of, n_student, rows, topk_ids, topk_p, tail_ids, tail_w):
-    """`_project_rows` for a W with at most one entry per row (first-token projections):
-    col_of[t] / val_of[t] = the student id / weight of teacher id t's entry (-1: empty row)."""
-    n = rows.shape[0]
-    k = topk_ids.shape[1]
-    m = tail_ids.shape[1]
-    out_ids = np.empty(n * (k + m), np.int32)
-    out_p = np.empty(n * (k + m), np.float32)
-    offsets = np.empty(n + 1, np.int64)
-    tail = np.empty(n, np.float32)
-    slot = np.full(n_student, -1, np.int32)
-    pos = 0
-    for i in range(n):
-        r = rows[i]
-        base = pos
-        offsets[i] = base
-        for j in range(k + m):
-            if j < k:
-                t = topk_ids[r, j]
-                p = topk_p[r, j]
+                if (tail_none[e >> 3] >> (7 - (e & 7))) & 1:
+                    out_ids[o] = -1
+                    out_p[o] = 0.0
+                    continue
+                out_p[o] = np.float32(tail[r]) / np.float32(m)
+            if id_mode == 0:
+                v = np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
+            elif id_mode == 1:
+                v = (np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
+                     | (((np.int64(buf[2 * n_all + (e >> 2)]) >> (2 * (e & 3))) & 3) << 16))
             else:
-                t = tail_ids[r, j - k]
-                p = tail_w[r]
-            if t < 0 or not p > 0:
-                continue
-            c = col_of[t]
+                v = (np.int64(buf[4 * e]) | (np.int64(buf[4 * e + 1]) << 8)
+                     | (np.int64(buf[4 * e + 2]) << 16) | (np.int64(buf[4 * e + 3]) << 24))
+            out_ids[o] = v
+
+
+def _decode_rows_py(rows, ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, tail_none, m, table):
+    """`_decode_row_into` for store rows `rows` -> ids int32 [n, k+m], probs float32 [n, k+m]."""
+    n = rows.shape[0]
+    out_ids = np.empty((n, k + m), np.int32)
+    out_p = np.empty((n, k + m), np.float32)
+    codes = np.empty(max(k, 1), np.int64)
+    for i in range(n):
+        _decode_row_into(rows[i], ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, tail_none, m, table, codes,
+                         out_ids[i], out_p[i])
+    return out_ids, out_p
+
+
+def _project_row_py(onehot, cv, indptr, cols, vals, ids, probs, row, mark, out_ids, out_p, pos):
+    """Project one teacher row (ids int [w], < 0 = none; probs float32 [w]) into out_ids/out_p from
+    index pos; returns (new pos, row mass). onehot: W given as cv float32 [V_t, 2] = (student id or -1,
+    weight) per teacher id (at most one entry per row, side by side: one cache line per teacher id);
+    else as CSR (indptr, cols, vals). Duplicate student ids are merged, in order of first appearance
+    (deterministic): mark int64 [V_s] = (row << 32) | index in the row of student id c, valid only
+    when its high half is this row's number `row` (no reset pass between rows)."""
+    base = pos
+    tot = 0.0
+    tag = np.int64(row) << 32
+    for j in range(ids.shape[0]):
+        t = ids[j]
+        p = probs[j]
+        if t < 0 or not p > 0:
+            continue
+        if onehot:
+            c = np.int64(cv[t, 0])
             if c < 0:
                 continue
-            p = p * val_of[t]
-            s = slot[c]
-            if s < 0:
-                slot[c] = pos - base
-                out_ids[pos] = c
-                out_p[pos] = p
-                pos += 1
+            q = p * cv[t, 1]
+            v = mark[c]
+            if (v >> 32) == row:
+                out_p[base + (v & 0xFFFFFFFF)] += q
             else:
-                out_p[base + s] += p
-        tot = 0.0
-        for j in range(base, pos):
-            tot += out_p[j]
-            slot[out_ids[j]] = -1
+                mark[c] = tag | (pos - base)
+                out_ids[pos] = c
+                out_p[pos] = q
+                pos += 1
+            tot += q
+        else:
+            for z in range(indptr[t], indptr[t + 1]):
+                c = cols[z]
+                q = p * vals[z]
+                v = mark[c]
+                if (v >> 32) == row:
+                    out_p[base + (v & 0xFFFFFFFF)] += q
+                else:
+                    mark[c] = tag | (pos - base)
+                    out_ids[pos] = c
+                    out_p[pos] = q
+                    pos += 1
+                tot += q
+    return pos, tot
+
+
+def _row_bound_py(onehot, indptr, ids):
+    """Upper bound on the projected entries of one row."""
+    if onehot:
+        return ids.shape[0]
+    ub = 0
+    for j in range(ids.shape[0]):
+        t = ids[j]
+        if t >= 0:
+            ub += indptr[t + 1] - indptr[t]
+    return ub
+
+
+def _project_rows_py(onehot, cv, indptr, cols, vals, n_student, ids, probs):
+    """Project teacher rows (ids int32 [n, w], probs float32 [n, w]) through W (see `_project_row`).
+
+    Returns a flat CSR result (ids int32, probs float32, offsets int64 [n+1]) and the per-row tail
+    `max(0, 1 - sum of the row's probs)` (float32 [n])."""
+    n = ids.shape[0]
+    cap = max(16, n * ids.shape[1])
+    out_ids = np.empty(cap, np.int32)
+    out_p = np.empty(cap, np.float32)
+    offsets = np.empty(n + 1, np.int64)
+    tail = np.empty(n, np.float32)
+    mark = np.full(n_student, -1, np.int64)  # see _project_row
+    pos = 0
+    for i in range(n):
+        need = pos + _row_bound(onehot, indptr, ids[i])
+        if need > cap:
+            cap = max(2 * cap, need)
+            a = np.empty(cap, np.int32)
+            a[:pos] = out_ids[:pos]
+            out_ids = a
+            b = np.empty(cap, np.float32)
+            b[:pos] = out_p[:pos]
+            out_p = b
+        offsets[i] = pos
+        pos, tot = _project_row(onehot, cv, indptr, cols, vals, ids[i], probs[i], i, mark, out_ids, out_p, pos)
         tail[i] = max(0.0, 1.0 - tot)
     offsets[n] = pos
     return out_ids[:pos], out_p[:pos], offsets, tail
+
+
+def _project_raw_py(rows, ids_buf, id_mode, deltas, k, n_kept, tail_mass, tail_buf, tail_none, m, table,
+                    onehot, cv, indptr, cols, vals, n_student):
+    """`_decode_rows` fused with `_project_rows`: row by row, decoded into a (k+m)-entry scratch that stays
+    in L1, then projected (no [n, k+m] intermediate)."""
+    n = rows.shape[0]
+    w = k + m
+    cap = max(16, n * w)
+    out_ids = np.empty(cap, np.int32)
+    out_p = np.empty(cap, np.float32)
+    offsets = np.empty(n + 1, np.int64)
+    tail = np.empty(n, np.float32)
+    mark = np.full(n_student, -1, np.int64)  # see _project_row
+    codes = np.empty(max(k, 1), np.int64)
+    rid = np.empty(w, np.int32)
+    rp = np.empty(w, np.float32)
+    pos = 0
+    for i in range(n):
+        _decode_row_into(rows[i], ids_buf, id_mode, deltas, k, n_kept, tail_mass, tail_buf, tail_none, m, table,
+                         codes, rid, rp)
+        need = pos + _row_bound(onehot, indptr, rid)
+        if need > cap:
+            cap = max(2 * cap, need)
+            a = np.empty(cap, np.int32)
+            a[:pos] = out_ids[:pos]
+            out_ids = a
+            b = np.empty(cap, np.float32)
+            b[:pos] = out_p[:pos]
+            out_p = b
+        offsets[i] = pos
+        pos, tot = _project_row(onehot, cv, indptr, cols, vals, rid, rp, i, mark, out_ids, out_p, pos)
+        tail[i] = max(0.0, 1.0 - tot)
+    offsets[n] = pos
+    return out_ids[:pos], out_p[:pos], offsets, tail
+
+
+def _common_prefix_py(t_data, t_off, t_ids, t_cum, t_skip, s_data, s_off, s_ids, s_cum, s_skip):
+    """Length of the common leading part of two token byte streams (token k's bytes: data[off[id] +
+    skip[k] : ...] with cum[k+1] - cum[k] bytes; special tokens have none), compared without
+    materialising the streams."""
+    n = t_ids.shape[0]
+    m = s_ids.shape[0]
+    i = 0
+    j = 0
+    a = 0  # bytes of token i / j already compared
+    b = 0
+    L = 0
+    while True:
+        while i < n and a >= t_cum[i + 1] - t_cum[i]:
+            i += 1
+            a = 0
+        while j < m and b >= s_cum[j + 1] - s_cum[j]:
+            j += 1
+            b = 0
+        if i >= n or j >= m:
+            return L
+        c = min(t_cum[i + 1] - t_cum[i] - a, s_cum[j + 1] - s_cum[j] - b)
+        pt = t_off[t_ids[i]] + t_skip[i] + a
+        ps = s_off[s_ids[j]] + s_skip[j] + b
+        for x in range(c):
+            if t_data[pt + x] != s_data[ps + x]:
+                return L + x
+        a += c
+        b += c
+        L += c
 
 
 def _fill_rows_py(flat_ids, flat_p, offsets, out_ids, out_p):
@@ -165,17 +291,34 @@ def _fill_rows_py(flat_ids, flat_p, offsets, out_ids, out_p):
 
 
 _KERNELS: dict[str, Any] = {}
+_HELPERS = ("_decode_row_into", "_project_row", "_row_bound")  # called from kernels: compiled first
 
 
 def _kernel(name: str):
-    """The Numba-compiled kernel `name` (compiled once per process; on-disk cache)."""
+    """The Numba-compiled kernel `name` (compiled once per process, or loaded from the on-disk cache)."""
     fn = _KERNELS.get(name)
     if fn is None:
         import numba
 
-        fn = numba.njit(cache=True, nogil=True)(globals()[name + "_py"])
+        g = globals()
+        for h in _HELPERS:  # kernels call these by their global name: make it the compiled dispatcher
+            if h not in _KERNELS:
+                _KERNELS[h] = g[h] = numba.njit(cache=True, nogil=True)(g[h + "_py"])
+        fn = numba.njit(cache=True, nogil=True)(g[name + "_py"])
         _KERNELS[name] = fn
     return fn
+
+
+def _decode_row_into(*a):  # replaced by the compiled helper on first kernel use (see `_kernel`)
+    return _decode_row_into_py(*a)
+
+
+def _project_row(*a):
+    return _project_row_py(*a)
+
+
+def _row_bound(*a):
+    return _row_bound_py(*a)
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,9 +361,11 @@ class TeacherSpec:
     tokenizer/store/projection may be paths/specs (opened lazily in each worker; preferred) or
     already-loaded objects. `weight` is not used by the collator (the loss aggregator owns the
     weights; keep them here to configure both from one list). `min_coverage`: an example whose
-    alignment covers less than this fraction of the student's trained text tokens (within the
+    kept chunks cover less than this fraction of the student's trained text tokens (within the
     aligned range) is treated as a text mismatch (present = False). `check_hashes`: verify the
-    store's and W's tokenizer hashes against the tokenizers.
+    store's and W's tokenizer hashes against the tokenizers (a store whose manifest records no
+    `tokenizer_hash` is refused; pass False to use it unchecked). `min_run_bytes`: chunks are kept
+    only inside runs of at least this many matched bytes (docs/collator.md; 0 keeps every chunk).
     """
 
     name: str
@@ -230,9 +375,11 @@ class TeacherSpec:
     weight: float = 1.0
     min_coverage: float = 0.5
     check_hashes: bool = True
+    min_run_bytes: int = MIN_RUN_BYTES
     _tok: Any = field(default=None, init=False, repr=False, compare=False)
     _store: Any = field(default=None, init=False, repr=False, compare=False)
     _proj: Any = field(default=None, init=False, repr=False, compare=False)
+    _raw: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- pickling: paths travel, opened handles do not -----------------------------------------
     def __getstate__(self):
@@ -243,6 +390,7 @@ class TeacherSpec:
             d["_proj"] = None
         if not isinstance(self.tokenizer, Tokenizer):
             d["_tok"] = None
+        d["_raw"] = None
         return d
 
     def __setstate__(self, d):
@@ -259,14 +407,28 @@ class TeacherSpec:
     def teacher_store(self):
         if self._store is None:
             if _is_loaded(self.store):
-                self._store = self.store
+                store = self.store
             else:
                 from .store import TeacherStore
 
-                self._store = TeacherStore(self.store)
+                store = TeacherStore(self.store)
             if self.check_hashes:
-                self._check_store_hash(self._store)
+                self._check_store_hash(store)
+            self._store = store
         return self._store
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the store's targets were extracted at (manifest 'temperature'; 1.0 if absent)."""
+        man = _manifest(self.teacher_store)
+        t = man.get("temperature") if man is not None else None
+        if t is None:
+            return 1.0
+        try:
+            return float(t)
+        except (TypeError, ValueError):
+            raise CollatorError(f"teacher {self.name!r}: store {_store_name(self.store)} has a manifest 'temperature' "
+                                f"of {t!r}, not a number; fix the manifest or re-extract the store.") from None
 
     def projector(self, student: Tokenizer) -> "_Projector":
         """The (lazily loaded) projection W, wrapped for the collator."""
@@ -283,21 +445,51 @@ class TeacherSpec:
         return self._proj
 
     def _check_store_hash(self, store) -> None:
-        man = getattr(store, "manifest", None) or {}
-        h = man.get("tokenizer_hash") if isinstance(man, Mapping) else None
-        if h and h != self.tok.content_hash:
-            raise ValueError(
-                f"teacher {self.name!r}: store {self.store!s:.200} was extracted with tokenizer hash {h[:12]}…, "
+        man = _manifest(store)
+        h = man.get("tokenizer_hash") if man is not None else None
+        if not h:
+            raise CollatorError(
+                f"teacher {self.name!r}: store {_store_name(self.store)} records no tokenizer_hash "
+                f"({'its manifest has no such field' if man is not None else 'it has no manifest'}), so it cannot "
+                f"be checked against the teacher tokenizer {self.tok.name!r}. Use a store written by `xtok extract` "
+                "(its manifest.json records the hash), or pass TeacherSpec(..., check_hashes=False) to use it "
+                "unchecked.")
+        if h != self.tok.content_hash:
+            raise CollatorError(
+                f"teacher {self.name!r}: store {_store_name(self.store)} was extracted with tokenizer hash {h[:12]}…, "
                 f"but the teacher tokenizer {self.tok.name!r} has hash {self.tok.content_hash[:12]}…. "
                 "Pass the tokenizer the store was extracted with.")
 
     def lookup(self, key: str):
-        """The stored example for `key`, or None when the store lacks it."""
+        """The stored example for `key`, or None when the store lacks it. For an `xtok extract` store
+        this is a `_RawExample` (top-k rows decoded on demand from the packed bytes); any other store's
+        own example object otherwise."""
         store = self.teacher_store
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = _RawReader.of(store) or False
+        if raw is not False:
+            try:
+                return raw.get(key)
+            except (AttributeError, TypeError):  # the store's internals changed: use its public API
+                self._raw = False
         try:
             return store[key]
         except (KeyError, IndexError):
             return None
+
+
+def _store_name(store) -> str:
+    """How a store is named in messages: its path, else its type."""
+    if not _is_loaded(store):
+        return str(store)
+    path = getattr(store, "path", None)
+    return str(path) if isinstance(path, (str, os.PathLike)) else f"<{type(store).__name__}>"
+
+
+def _manifest(store):
+    man = getattr(store, "manifest", None)
+    return man if isinstance(man, Mapping) else None
 
 
 def _is_loaded(x) -> bool:
@@ -314,81 +506,174 @@ def _csr_of(proj):
 
 
 # ------------------------------------------------------------------------------------------
+# Store rows: raw access to `xtok extract` shards
+# ------------------------------------------------------------------------------------------
+
+
+class _RawReader:
+    """Reads `xtok.store.TeacherStore` rows as `_RawExample`s: the store's own key index and row-group
+    LRU cache, but the top-k columns are left packed (decoded per wanted row by `_decode_rows`)
+    instead of being unpacked and dequantised (float64 exp/log over P*k) for every row.
+
+    Uses the store's private attributes; `of()` returns None for any other store (or one whose
+    internals differ), and `TeacherSpec.lookup` falls back to `store[key]` if they change."""
+
+    _ATTRS = ("_index", "_shard_start", "_parquet", "_rg_start", "_cache", "_cache_n", "_lock", "top_k",
+              "sample_tail", "vocab_size")
+
+    def __init__(self, store):
+        self.store = store
+        from .store import D_MAX, QSTEP
+
+        c = np.arange(256, dtype=np.float64)
+        d = np.where(c >= 255, D_MAX + 4.0, (c * QSTEP) ** 2)  # as xtok.store.dequantize_logprobs
+        self.table = np.exp(-d)
+
+    @classmethod
+    def of(cls, store):
+        try:
+            from .store import TeacherStore
+        except ImportError:  # pragma: no cover
+            return None
+        if type(store) is not TeacherStore or not all(hasattr(store, a) for a in cls._ATTRS):
+            return None
+        return cls(store)
+
+    def get(self, key: str):
+        st = self.store
+        i = st._index.get(str(key))
+        if i is None:
+            return None
+        s = int(np.searchsorted(st._shard_start, i, side="right") - 1)
+        r = i - int(st._shard_start[s])
+        with st._lock:  # as TeacherStore._row
+            pf = st._parquet(s)
+            starts = st._rg_start[s]
+            g = int(np.searchsorted(starts, r, side="right") - 1)
+            cols = st._cache.get((s, g))
+            if cols is None:
+                t = pf.read_row_group(g)
+                cols = {n: t.column(n).combine_chunks() for n in t.column_names}
+                st._cache[(s, g)] = cols
+                if len(st._cache) > st._cache_n:
+                    st._cache.popitem(last=False)
+            else:
+                st._cache.move_to_end((s, g))
+        return _RawExample(cols, r - int(starts[g]), int(st.top_k), int(st.sample_tail), int(st.vocab_size),
+                           self.table)
+
+
+_EMPTY_U8 = np.zeros(0, np.uint8)
+_EMPTY_U8.setflags(write=False)  # read-only like the shard buffers: one kernel specialisation
+
+
+class _RawExample:
+    """One stored example with its top-k rows still packed. input_ids, positions, tail_mass and
+    target_logprob are decoded (small); `rows(rows)` decodes the wanted top-k rows (+ tail samples)."""
+
+    def __init__(self, cols, i, k, m, vocab_size, table):
+        def raw(name):
+            arr = cols[name]
+            off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+            data = arr.buffers()[2]
+            if data is None or off[i + 1] == off[i]:
+                return _EMPTY_U8
+            return np.frombuffer(data, dtype=np.uint8, count=int(off[i + 1] - off[i]), offset=int(off[i]))
+
+        from .store import _from_runs, unpack_ids
+
+        T = int(cols["n_tokens"][i].as_py())
+        P = int(cols["n_positions"][i].as_py())
+        self.key = cols["key"][i].as_py()
+        self.k, self.m, self.table = k, m, table
+        self.id_mode = 0 if vocab_size <= 1 << 16 else 1 if vocab_size <= 1 << 18 else 2
+        self.input_ids = unpack_ids(raw("input_ids"), T, vocab_size)
+        self.positions = _from_runs(raw("position_runs").view("<i4").reshape(-1, 2))
+        self.tail_mass = raw("tail_mass").view("<f4").astype(np.float32)
+        self.target_logprob = raw("target_logprob").view("<f2").astype(np.float32)
+        self.ids_buf = raw("topk_ids")
+        self.deltas = raw("topk_codes")
+        nk = raw("n_kept")
+        self.n_kept = nk.view("<u2").astype(np.int64) if nk.size else np.zeros(0, np.int64)
+        self.tail_buf = raw("tail_ids")
+        self.tail_none = raw("tail_none")
+        if not self.tail_buf.size:
+            self.m = 0
+        if P and (self.positions.shape[0] != P or self.tail_mass.shape[0] != P
+                  or self.deltas.shape[0] != P * max(k - 1, 0)):
+            raise ValueError(f"store row {self.key!r}: column sizes do not match n_positions={P}")
+
+    def raw_args(self) -> tuple:
+        """The kernel arguments (`_decode_row_into`) describing this row's packed top-k and tail."""
+        m = self.m
+        return (self.ids_buf, self.id_mode, self.deltas, self.k, self.n_kept, self.tail_mass,
+                self.tail_buf if m else _EMPTY_U8, self.tail_none if m else _EMPTY_U8, m, self.table)
+
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [n, k+m] (-1 = none), probs float32 [n, k+m]) of store rows `rows`."""
+        return _kernel("_decode_rows")(np.ascontiguousarray(rows, dtype=np.int64), *self.raw_args())
+
+
+def _dense_rows(ex, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n, k+m], probs float32 [n, k+m]) of rows of any example object with numpy-like
+    topk_ids / topk_logprobs / tail_mass (/ tail_ids) (e.g. `TeacherStore[key]`)."""
+    if isinstance(ex, _RawExample):
+        return ex.rows(rows)
+    ids = np.asarray(ex.topk_ids)[rows].astype(np.int32)
+    probs = np.exp(np.asarray(ex.topk_logprobs, dtype=np.float32)[rows])
+    tail_ids = getattr(ex, "tail_ids", None)
+    if tail_ids is not None and np.asarray(tail_ids).size:
+        tail_ids = np.asarray(tail_ids)
+        tw = np.asarray(ex.tail_mass, dtype=np.float32)[rows] / np.float32(tail_ids.shape[1])
+        ids = np.concatenate([ids, tail_ids[rows].astype(np.int32)], axis=1)
+        probs = np.concatenate([probs, np.repeat(tw[:, None], tail_ids.shape[1], axis=1)], axis=1)
+    return np.ascontiguousarray(ids), np.ascontiguousarray(probs, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------
 # Projection of stored rows
 # ------------------------------------------------------------------------------------------
 
 
 class _Projector:
-    """Projects rows of a stored example into student space -> flat CSR (ids, probs, offsets).
+    """Projects rows of a stored example into student space -> flat CSR (ids, probs, offsets, tail).
 
-    With W's CSR arrays (ProjectionMatrix) a fused Numba kernel does gather + exp + tail samples
-    + projection + merge; any other projection object is used through its `project()`."""
+    With W's CSR arrays (ProjectionMatrix) a Numba kernel does projection + merge of duplicate
+    student ids + tail (fused with the decoding of the packed rows for an `xtok extract` store); any
+    other projection object is used through its `project()`."""
 
     def __init__(self, proj):
         self.proj = proj
         self.csr = _csr_of(proj)
-        self.onehot = None
-        self.max_row_nnz = 1
-        if self.csr is not None:
-            indptr, cols, vals, _ = self.csr
-            nnz = np.diff(indptr)
-            self.max_row_nnz = int(nnz.max()) if nnz.size else 1
-            if self.max_row_nnz <= 1:  # first-token W: one gather per teacher id
-                has = nnz > 0
-                col_of = np.full(nnz.shape[0], -1, np.int32)
-                val_of = np.zeros(nnz.shape[0], np.float32)
-                col_of[has] = cols[indptr[:-1][has]]
-                val_of[has] = vals[indptr[:-1][has]]
-                self.onehot = (col_of, val_of)
-
-    def __call__(self, ex, rows: np.ndarray):
-        topk_ids = np.asarray(ex.topk_ids)
-        topk_lp = np.asarray(ex.topk_logprobs)
-        tail_ids = getattr(ex, "tail_ids", None)
-        tail_ids = None if tail_ids is None or np.asarray(tail_ids).size == 0 else np.asarray(tail_ids)
+        self.onehot = False
+        self.cv = np.zeros((1, 2), np.float32)
         if self.csr is not None:
             indptr, cols, vals, n_s = self.csr
-            if rows.shape[0] * 2 < topk_lp.shape[0]:  # few rows used: gather first
-                topk_ids, topk_lp = topk_ids[rows], topk_lp[rows]
-                tw = _tail_weight(ex, tail_ids, rows)
-                tail_ids = tail_ids[rows] if tail_ids is not None else None
-                rows = np.arange(rows.shape[0], dtype=np.int64)
-            else:
-                tw = _tail_weight(ex, tail_ids, None)
-            topk_p = np.exp(topk_lp, dtype=np.float32)  # numpy's SIMD exp
-            if tail_ids is None:
-                tail_ids, tw = np.zeros((1, 0), np.int32), np.zeros(1, np.float32)
-            rows = np.ascontiguousarray(rows, dtype=np.int64)
-            topk_ids, tail_ids = np.ascontiguousarray(topk_ids), np.ascontiguousarray(tail_ids)
-            tw = np.ascontiguousarray(tw, dtype=np.float32)
-            if self.onehot is not None:
-                return _kernel("_project_rows_onehot")(self.onehot[0], self.onehot[1], n_s, rows, topk_ids, topk_p,
-                                                       tail_ids, tw)
-            return _kernel("_project_rows")(indptr, cols, vals, n_s, self.max_row_nnz, rows, topk_ids, topk_p,
-                                            tail_ids, tw)
-        ids = topk_ids[rows].astype(np.int64)
-        probs = np.exp(topk_lp[rows], dtype=np.float32)
-        if tail_ids is not None:
-            tw = _tail_weight(ex, tail_ids, rows)
-            ids = np.concatenate([ids, tail_ids[rows].astype(np.int64)], axis=1)
-            probs = np.concatenate([probs, np.repeat(tw[:, None], tail_ids.shape[1], axis=1)], axis=1)
-        o, p = self.proj.project(ids, probs)
+            nnz = np.diff(indptr)
+            if (nnz.max() if nnz.size else 0) <= 1 and n_s < (1 << 24):  # first-token W: one gather per id
+                has = nnz > 0
+                cv = np.zeros((nnz.shape[0], 2), np.float32)  # student ids < 2^24 are exact in float32
+                cv[:, 0] = -1
+                cv[has, 0] = cols[indptr[:-1][has]]
+                cv[has, 1] = vals[indptr[:-1][has]]
+                self.onehot, self.cv = True, cv
+
+    def __call__(self, ex, rows: np.ndarray):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if self.csr is not None:
+            indptr, cols, vals, n_s = self.csr
+            if isinstance(ex, _RawExample):
+                return _kernel("_project_raw")(rows, *ex.raw_args(), self.onehot, self.cv, indptr, cols, vals, n_s)
+            ids, probs = _dense_rows(ex, rows)
+            return _kernel("_project_rows")(self.onehot, self.cv, indptr, cols, vals, n_s, ids, probs)
+        ids, probs = _dense_rows(ex, rows)
+        o, p = self.proj.project(ids.astype(np.int64), probs)
         o, p = np.asarray(_to_numpy(o)), np.asarray(_to_numpy(p), dtype=np.float32)
         keep = (o >= 0) & (p > 0)
         offsets = np.zeros(o.shape[0] + 1, np.int64)
         np.cumsum(keep.sum(axis=1), out=offsets[1:])
         tail = np.clip(1.0 - np.where(keep, p, 0).sum(axis=1, dtype=np.float64), 0.0, 1.0).astype(np.float32)
         return o[keep].astype(np.int32), p[keep], offsets, tail
-
-
-def _tail_weight(ex, tail_ids, rows):
-    """Per-row weight of each sampled tail id: tail_mass / m (float32)."""
-    if tail_ids is None:
-        return None
-    tm = np.asarray(ex.tail_mass, dtype=np.float32)
-    if rows is not None:
-        tm = tm[rows]
-    return tm / np.float32(tail_ids.shape[1])
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,6 +694,7 @@ class TeacherTargets:
     chunk_logprob: np.ndarray    # float32 [c]
     present: bool
     counts: dict
+    teacher_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [n]
 
     @property
     def width(self) -> int:
@@ -429,40 +715,166 @@ def _empty_targets(present: bool, counts: dict) -> TeacherTargets:
                           np.zeros(0, np.float32), present, counts)
 
 
-def _align_chunks(teacher: Tokenizer, student: Tokenizer, t_ids: np.ndarray, s_ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """Alignment chunks int64 [n, 4] and the path taken ('exact' | 'dp'), via the bulk entry point.
+class _TokInfo:
+    """Per-tokenizer arrays the alignment wrapper needs: byte length per id (0 for special tokens, as
+    the aligner counts them) and whether an id's bytes start with a space."""
 
-    Each side is first cut to the other side's byte length (+ 1/8 + 256 bytes of slack): text one side
-    lacks cannot align, and stores extracted at a longer max_length than the student's then cost an
-    exact merge instead of a DP over the whole cut-off tail. Chunk indices refer to the uncut ids."""
+    def __init__(self, tok: Tokenizer):
+        tb = tok.token_bytes
+        self.tb = tb
+        self.prefix_space = bool(getattr(tok, "prefix_space", False))
+        lens = np.diff(tb.offsets).astype(np.int64)
+        lens[np.asarray(tb.is_special, bool)] = 0
+        self.lengths = lens
+        first = np.zeros(lens.shape[0], bool)
+        nz = lens > 0
+        first[nz] = tb.data[tb.offsets[:-1][nz]] == 32
+        self.space_first = first
+
+    def cum(self, ids: np.ndarray, strip: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(cum int64 [n+1], skip int64 [n]): byte offsets of the token stream, and 1 for a token whose
+        leading dummy-prefix space is dropped (strip and a prefix_space tokenizer: the first token with
+        bytes at the start or after a special token, starting with a space; as xtok.align)."""
+        ln = self.lengths[ids]
+        skip = np.zeros(ids.shape[0], np.int64)
+        if strip and self.prefix_space and ids.shape[0]:
+            has = np.flatnonzero(ln > 0)
+            if has.size:
+                nsp = np.cumsum(np.asarray(self.tb.is_special, bool)[ids])
+                prev = np.empty(has.size, np.int64)
+                prev[0] = -1
+                prev[1:] = nsp[has[:-1]]
+                after = (nsp[has] - prev) > 0  # a special token since the previous token with bytes
+                after[0] = True
+                el = has[after & self.space_first[ids[has]]]
+                skip[el] = 1
+                ln = ln - skip
+        cum = np.zeros(ids.shape[0] + 1, np.int64)
+        np.cumsum(ln, out=cum[1:])
+        return cum, skip
+
+
+_TOKINFO: dict[int, _TokInfo] = {}
+
+
+def _tokinfo(tok: Tokenizer) -> _TokInfo:
+    tb = tok.token_bytes
+    info = _TOKINFO.get(id(tb))
+    if info is None or info.tb is not tb:
+        if len(_TOKINFO) > 32:
+            _TOKINFO.clear()
+        info = _TOKINFO[id(tb)] = _TokInfo(tok)
+    return info
+
+
+def _last_common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """The largest value <= limit present in both sorted arrays (0 if none)."""
+    a, b = a[: int(np.searchsorted(a, limit, side="right"))], b[: int(np.searchsorted(b, limit, side="right"))]
+    if not a.size or not b.size:
+        return 0
+    idx = np.minimum(np.searchsorted(a, b), a.size - 1)
+    hit = np.flatnonzero(a[idx] == b)
+    return int(b[hit[-1]]) if hit.size else 0
+
+
+def _align_chunks(teacher: Tokenizer, student: Tokenizer, t_ids: np.ndarray, s_ids: np.ndarray):
+    """Alignment chunks int64 [n, 4], the path taken ('exact' | 'prefix' | 'dp') and the byte offsets
+    (cum int64 [T+1], [S+1]; special tokens have no bytes) of both token sequences.
+
+    When one byte stream is a prefix of the other (equal texts; truncation on either side), only the
+    common prefix is aligned (an exact merge: chunks up to the last byte where both sides have a token
+    boundary; the rest are gaps). Otherwise the aligner's DP runs, each side first cut to the other
+    side's byte length (+ 1/8 + 256 bytes of slack): text one side lacks cannot align. Chunk indices
+    refer to the uncut ids."""
     from .align import align_arrays
 
-    tb, sb = teacher.token_bytes, student.token_bytes
-    t_end, s_end = np.cumsum(tb.lengths[t_ids]), np.cumsum(sb.lengths[s_ids])
-    nt, ns = (int(t_end[-1]) if t_end.size else 0), (int(s_end[-1]) if s_end.size else 0)
-    t_ids = t_ids[: int(np.searchsorted(t_end, ns + ns // 8 + 256, side="right"))]
-    s_ids = s_ids[: int(np.searchsorted(s_end, nt + nt // 8 + 256, side="right"))]
-    chunks, _tg, _sg, info = align_arrays(tb.data, tb.offsets, tb.is_special, sb.data, sb.offsets, sb.is_special,
-                                          t_ids, s_ids)
-    return np.asarray(chunks, dtype=np.int64).reshape(-1, 4), str(info[0])
+    ti, si = _tokinfo(teacher), _tokinfo(student)
+    tb, sb = ti.tb, si.tb
+    tcum, _ = ti.cum(t_ids, False)
+    scum, _ = si.cum(s_ids, False)
+
+    def run(t, s):
+        ch, _tg, _sg, info = align_arrays(tb.data, tb.offsets, tb.is_special, sb.data, sb.offsets, sb.is_special,
+                                          t, s, ti.prefix_space, si.prefix_space)
+        return np.asarray(ch, dtype=np.int64).reshape(-1, 4), str(info[0])
+
+    prefix = _kernel("_common_prefix")
+    modes = [False] + ([True] if ti.prefix_space or si.prefix_space else [])
+    for strip in modes:
+        if strip:
+            tc, tsk = ti.cum(t_ids, True)
+            sc, ssk = si.cum(s_ids, True)
+        else:
+            tc, sc = tcum, scum
+            tsk, ssk = np.zeros(t_ids.shape[0], np.int64), np.zeros(s_ids.shape[0], np.int64)
+        nt, ns = int(tc[-1]), int(sc[-1])
+        L = prefix(tb.data, tb.offsets, t_ids, tc, tsk, sb.data, sb.offsets, s_ids, sc, ssk)
+        if L < min(nt, ns):
+            continue
+        if nt == ns:  # equal streams
+            ch, path = run(t_ids, s_ids)
+            if path == "exact":
+                return ch, path, tcum, scum
+            continue
+        b = _last_common(tc, sc, min(nt, ns))
+        it = int(np.searchsorted(tc[1:], b, side="right"))
+        js = int(np.searchsorted(sc[1:], b, side="right"))
+        ch, path = run(t_ids[:it], s_ids[:js]) if it and js else (np.zeros((0, 4), np.int64), "exact")
+        if path == "exact":
+            return ch, "prefix", tcum, scum
+    nt, ns = int(tcum[-1]), int(scum[-1])
+    t_cut = t_ids[: int(np.searchsorted(tcum[1:], ns + ns // 8 + 256, side="right"))]
+    s_cut = s_ids[: int(np.searchsorted(scum[1:], nt + nt // 8 + 256, side="right"))]
+    ch, path = run(t_cut, s_cut)
+    return ch, path, tcum, scum
+
+
+def run_filter(chunks: np.ndarray, t_cum: np.ndarray, s_cum: np.ndarray, min_run_bytes: int = MIN_RUN_BYTES):
+    """Which alignment chunks lie in a long enough run of equal text (bool [n]).
+
+    chunks int [n, 4] (t_start, t_end, s_start, s_end), in order; t_cum/s_cum: byte offsets of the
+    token sequences (special tokens have no bytes). A run is a maximal sequence of consecutive chunks
+    with no byte between two of them on either side (only byte-less special tokens may sit between),
+    so inside a run the teacher-minus-student byte offset is constant and the text from the run's start
+    is byte-equal on both sides. A run is kept when its matched bytes (per chunk the smaller side's byte
+    length) reach `min_run_bytes`, or when it starts at byte 0 on both sides (the whole preceding text
+    is equal: empty)."""
+    ch = np.asarray(chunks, dtype=np.int64).reshape(-1, 4)
+    n = ch.shape[0]
+    if n == 0 or min_run_bytes <= 0:
+        return np.ones(n, bool)
+    tb0, tb1, sb0, sb1 = t_cum[ch[:, 0]], t_cum[ch[:, 1]], s_cum[ch[:, 2]], s_cum[ch[:, 3]]
+    brk = np.ones(n, bool)
+    brk[1:] = (tb0[1:] != tb1[:-1]) | (sb0[1:] != sb1[:-1])
+    starts = np.flatnonzero(brk)
+    run_bytes = np.add.reduceat(np.minimum(tb1 - tb0, sb1 - sb0), starts)
+    ok = (run_bytes >= min_run_bytes) | ((tb0[starts] == 0) & (sb0[starts] == 0))
+    return ok[np.cumsum(brk) - 1]
 
 
 def build_targets(chunks: np.ndarray, ex, label_ok: np.ndarray, project, student_special: np.ndarray,
-                  min_coverage: float = 0.5) -> TeacherTargets:
+                  min_coverage: float = 0.5, t_cum: np.ndarray | None = None, s_cum: np.ndarray | None = None,
+                  min_run_bytes: int = MIN_RUN_BYTES) -> TeacherTargets:
     """Targets of one teacher for one student example.
 
     chunks int [n, 4] (t_start, t_end, s_start, s_end) aligning `ex.input_ids` with the student
     ids; `ex` a stored example; `label_ok` bool [S] (student token trained); `project(ex, rows)` ->
-    flat CSR (ids, probs, offsets) of the projected stored rows; `student_special` bool [S]
-    (student tokens without bytes, left out of the coverage test)."""
+    flat CSR (ids, probs, offsets, tail) of the projected stored rows; `student_special` bool [S]
+    (student tokens without bytes, left out of the coverage test); t_cum/s_cum: byte offsets of both
+    token sequences for the run filter (`run_filter`; None: no filter)."""
     S = label_ok.shape[0]
     counts = {"targets": 0, "missing_positions": 0, "uncovered_tokens": 0, "chunks": 0, "chunks_masked": 0,
-              "mismatch": 0}
+              "mismatch": 0, "short_run_chunks": 0}
     T = int(np.asarray(ex.input_ids).shape[0])
     ch = np.asarray(chunks, dtype=np.int64).reshape(-1, 4)
+    n_all = ch.shape[0]
+    if t_cum is not None and s_cum is not None:
+        keep = run_filter(ch, t_cum, s_cum, min_run_bytes)
+        counts["short_run_chunks"] = int(n_all - keep.sum())
+        ch = ch[keep]
     ts, te, ss, se = ch[:, 0], ch[:, 1], ch[:, 2], ch[:, 3]
 
-    # -- text match: trained student text tokens inside chunks, within the aligned range --------
+    # -- text match: trained student text tokens inside kept chunks, within the aligned range ------
     text_lab = label_ok & ~student_special
     ctl = np.zeros(S + 1, np.int64)
     np.cumsum(text_lab, out=ctl[1:])
@@ -487,11 +899,12 @@ def build_targets(chunks: np.ndarray, ex, label_ok: np.ndarray, project, student
     # -- KL targets at chunk starts ---------------------------------------------------------
     sel = (ts >= 1) & (ss >= 1) & (te <= T)
     sel[sel] = label_ok[ss[sel]]
-    rows = row_of[ts[sel] - 1]
+    tp = ts[sel] - 1
+    rows = row_of[tp]
     sp = ss[sel] - 1
     have = rows >= 0
     counts["missing_positions"] = int((~have).sum())
-    rows, sp = rows[have], sp[have]
+    rows, sp, tp = rows[have], sp[have], tp[have]
     counts["targets"] = int(rows.shape[0])
     if rows.shape[0]:
         flat_ids, flat_p, offsets, tail = project(ex, rows)
@@ -516,10 +929,10 @@ def build_targets(chunks: np.ndarray, ex, label_ok: np.ndarray, project, student
     s0, s1 = np.where(csel, ss, 0), np.where(csel, se, 0)
     csel &= (cl[s1] - cl[s0]) == (s1 - s0)                      # every student token trained
     counts["chunks"] = int(csel.sum())
-    counts["chunks_masked"] = int(ch.shape[0] - csel.sum())
+    counts["chunks_masked"] = int(n_all - csel.sum())
     spans = np.stack([ss[csel], se[csel]], axis=1)
     chunk_lp = (clp[b[csel]] - clp[a[csel]]).astype(np.float32)
-    return TeacherTargets(sp, flat_ids, flat_p, offsets, tail, spans, chunk_lp, True, counts)
+    return TeacherTargets(sp, flat_ids, flat_p, offsets, tail, spans, chunk_lp, True, counts, tp)
 
 
 # ------------------------------------------------------------------------------------------
@@ -528,7 +941,7 @@ def build_targets(chunks: np.ndarray, ex, label_ok: np.ndarray, project, student
 
 
 _TEACHER_COUNTERS = ("examples", "present", "missing", "mismatch", "targets", "missing_positions",
-                     "uncovered_tokens", "chunks", "chunks_masked", "dp_aligned")
+                     "uncovered_tokens", "chunks", "chunks_masked", "short_run_chunks", "dp_aligned")
 
 
 class CrossTokenizerCollator:
@@ -537,7 +950,7 @@ class CrossTokenizerCollator:
 
     Returns `input_ids [B,T] long, attention_mask [B,T] long, labels [B,T] long (-100 = no loss),
     teachers: {name: {positions, mask, target_ids, target_probs, tail_mass, chunk_spans,
-    chunk_teacher_logprob, chunk_mask, present}}, stats: {..., name: counters}` (docs/collator.md).
+    chunk_teacher_logprob, chunk_mask, present, temperature}}, stats: {..., name: counters}` (docs/collator.md).
 
     student_tokenizer: spec or Tokenizer. max_length: student tokens kept (right truncation).
     chat_template: template for chat rows (default: the student tokenizer's own / a built-in one).
@@ -566,6 +979,7 @@ class CrossTokenizerCollator:
         if validate:
             for t in self.teachers:
                 t.teacher_store  # noqa: B018  (opens it: hash check)
+                t.temperature  # noqa: B018  (manifest field check)
                 t.projector(self.student)
 
     def __getstate__(self):
@@ -634,11 +1048,12 @@ class CrossTokenizerCollator:
         t_ids = np.asarray(ex.input_ids, dtype=np.int64)
         if t_ids.size and (t_ids.min() < 0 or t_ids.max() >= teacher.tok.vocab_size):
             return _empty_targets(False, {"mismatch": 1})  # not this tokenizer's ids
-        chunks, path = _align_chunks(teacher.tok, self.student, t_ids, sx.input_ids)
+        chunks, path, t_cum, s_cum = _align_chunks(teacher.tok, self.student, t_ids, sx.input_ids)
         label_ok = sx.labels != IGNORE_INDEX
         special = self.student.token_bytes.is_special[sx.input_ids]
-        tg = build_targets(chunks, ex, label_ok, teacher.projector(self.student), special, teacher.min_coverage)
-        tg.counts["dp_aligned"] = int(path != "exact")
+        tg = build_targets(chunks, ex, label_ok, teacher.projector(self.student), special, teacher.min_coverage,
+                           t_cum, s_cum, teacher.min_run_bytes)
+        tg.counts["dp_aligned"] = int(path == "dp")
         return tg
 
     # -- batch -------------------------------------------------------------------------------
@@ -677,6 +1092,7 @@ class CrossTokenizerCollator:
                     ts[k] = ts.get(k, 0) + int(v)
                 ts["present"] += int(tg.present)
             out["teachers"][t.name] = _pad_teacher(per, torch)
+            out["teachers"][t.name]["temperature"] = t.temperature
             stats[t.name] = ts
         out["stats"] = stats
         return out
