@@ -146,6 +146,14 @@ def test_write_read_random_access(tmp_path, V, m):
         st[21]
     t = st[0].to_tensors()
     assert t["topk_ids"].shape == (len(refs[0]["pos"]), k)
+    # raw_row: the encoded columns of one example, by key or global index
+    assert st.raw_row("nope") is None and st.raw_row(21) is None and st.raw_row(-1) is None
+    for i in (0, 9, 20):
+        cols, j = st.raw_row(refs[i]["key"])
+        assert cols["key"][j].as_py() == refs[i]["key"]
+        cols2, j2 = st.raw_row(i)
+        assert cols2["key"][j2].as_py() == refs[i]["key"]
+        assert int(cols["n_tokens"][j].as_py()) == len(refs[i]["ids"])
 
 
 def test_crash_repair_orphan_shard_and_temp_files(tmp_path):

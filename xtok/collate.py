@@ -511,15 +511,10 @@ def _csr_of(proj):
 
 
 class _RawReader:
-    """Reads `xtok.store.TeacherStore` rows as `_RawExample`s: the store's own key index and row-group
-    LRU cache, but the top-k columns are left packed (decoded per wanted row by `_decode_rows`)
-    instead of being unpacked and dequantised (float64 exp/log over P*k) for every row.
-
-    Uses the store's private attributes; `of()` returns None for any other store (or one whose
-    internals differ), and `TeacherSpec.lookup` falls back to `store[key]` if they change."""
-
-    _ATTRS = ("_index", "_shard_start", "_parquet", "_rg_start", "_cache", "_cache_n", "_lock", "top_k",
-              "sample_tail", "vocab_size")
+    """Reads `xtok.store.TeacherStore` rows as `_RawExample`s through `TeacherStore.raw_row` (the
+    store's key index and row-group cache), leaving the top-k columns packed: `_decode_rows` decodes
+    only the wanted rows instead of unpacking and dequantising (float64 exp/log over P*k) every row.
+    `of()` returns None for any other store type; `TeacherSpec.lookup` then uses `store[key]`."""
 
     def __init__(self, store):
         self.store = store
@@ -535,32 +530,17 @@ class _RawReader:
             from .store import TeacherStore
         except ImportError:  # pragma: no cover
             return None
-        if type(store) is not TeacherStore or not all(hasattr(store, a) for a in cls._ATTRS):
+        if not isinstance(store, TeacherStore):
             return None
         return cls(store)
 
     def get(self, key: str):
         st = self.store
-        i = st._index.get(str(key))
-        if i is None:
+        got = st.raw_row(str(key))
+        if got is None:
             return None
-        s = int(np.searchsorted(st._shard_start, i, side="right") - 1)
-        r = i - int(st._shard_start[s])
-        with st._lock:  # as TeacherStore._row
-            pf = st._parquet(s)
-            starts = st._rg_start[s]
-            g = int(np.searchsorted(starts, r, side="right") - 1)
-            cols = st._cache.get((s, g))
-            if cols is None:
-                t = pf.read_row_group(g)
-                cols = {n: t.column(n).combine_chunks() for n in t.column_names}
-                st._cache[(s, g)] = cols
-                if len(st._cache) > st._cache_n:
-                    st._cache.popitem(last=False)
-            else:
-                st._cache.move_to_end((s, g))
-        return _RawExample(cols, r - int(starts[g]), int(st.top_k), int(st.sample_tail), int(st.vocab_size),
-                           self.table)
+        cols, i = got
+        return _RawExample(cols, i, int(st.top_k), int(st.sample_tail), int(st.vocab_size), self.table)
 
 
 _EMPTY_U8 = np.zeros(0, np.uint8)
@@ -1111,7 +1091,7 @@ def _pad_teacher(per: list[TeacherTargets], torch) -> dict:
     C = max([t.chunk_spans.shape[0] for t in per] + [1])
     pos = np.zeros((B, P), np.int64)
     mask = np.zeros((B, P), bool)
-    tid = np.zeros((B, P, K), np.int64)
+    tid = np.zeros((B, P, K), np.int32)  # int32: a third fewer bytes to pad and to send from the worker
     tpr = np.zeros((B, P, K), np.float32)
     tail = np.zeros((B, P), np.float32)
     spans = np.zeros((B, C, 2), np.int64)
