@@ -295,7 +295,8 @@ def test_bytes_and_fidelity_vs_anchors(tmp_path, teacher):
 # ------------------------------------------------------------------------------------------
 
 
-def test_extraction_overhead_vs_bare_forward(tmp_path):
+@pytest.mark.parametrize("hidden,layers,n_texts", [(256, 4, 48), (1024, 4, 12)], ids=["h256", "h1024"])
+def test_extraction_overhead_vs_bare_forward(tmp_path, hidden, layers, n_texts):
     """CPU time (process_time, one thread) of the extraction loop versus a bare HF forward with full
     logits over the same length-sorted batches. The loop's CPU time = extract() on a fresh output minus
     extract() re-run on the finished store (a no-op that pays the same set-up: dataset, tokenizer,
@@ -307,12 +308,13 @@ def test_extraction_overhead_vs_bare_forward(tmp_path):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      tie_word_embeddings=False)
     mdl = LlamaForCausalLM(cfg).eval()
     mdl.save_pretrained(tmp_path / "m")
     tok = load_tokenizer(MISTRAL_SPM)
-    texts = _texts_shakespeare(60000, 700)[:48]
+    texts = _texts_shakespeare(60000, 700)[:n_texts]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     budget = 4096
     ids = [np.concatenate([[tok.bos_id], tok.encode(t)]) for t in texts]
@@ -347,12 +349,16 @@ def test_extraction_overhead_vs_bare_forward(tmp_path):
         t_setup.append(ext(tmp_path / f"s{rep}"))   # no-op re-run: set-up + merge only
     loop = np.array(t_ext) - np.array(t_setup)
     over = loop / np.array(t_bare) - 1
-    report(f"extract_overhead [CPU time, 1 thread, llama h256 L4 V32k, {int(lens.sum())} tokens, {reps} reps]",
+    report(f"extract_overhead [CPU time, 1 thread, llama h{hidden} L{layers} V32k, {int(lens.sum())} tokens, {reps} reps]",
            bare_forward_cpu_s=float(np.median(t_bare)), extract_loop_cpu_s=float(np.median(loop)),
            setup_cpu_s=float(np.median(t_setup)), overhead_median=float(np.median(over)),
            overhead_min=float(over.min()), overhead_max=float(over.max()),
            tokens_per_cpu_s=float(lens.sum() / np.median(loop)))
-    # The issue's target (<= 10 %) is NOT met on this CPU set-up (measured ~25 %, docs/formats.md): with a
-    # 256-wide body the output matmul is small next to the per-vocab-entry passes (top-k, exp, sums) that a
-    # bare forward does not do. Not asserted; this guards against regressions only.
-    assert np.median(over) <= 0.5, over
+    # The issue's target is <= 10 %. With a 256-wide body the output matmul is small next to the
+    # per-vocabulary-entry passes (top-k, exp, sums) that a bare forward does not do, and the CPU figure
+    # is 13-30 % (docs/formats.md): guarded against regressions only. With a 1024-wide body (still far
+    # narrower than real teachers, where the body hides those passes further) it is met: asserted.
+    if hidden >= 1024:
+        assert np.median(over) <= 0.10, f"overhead {np.median(over):.1%} (rerun on a quiet machine if loaded)"
+    else:
+        assert np.median(over) <= 0.5, over
