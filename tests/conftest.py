@@ -44,12 +44,13 @@ def tekken_tok():
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    """Real text. Falls back to real Python stdlib source when the assets are absent."""
+    """Real English text. Falls back to the Python standard library's own docstrings (real prose, in
+    paragraphs separated by blank lines) when the assets are absent."""
     p = ASSETS / "corpora" / "tinyshakespeare.txt"
     if p.exists():
         return p.read_text(encoding="utf-8")
-    import inspect, json as _json  # noqa: E401
-    return inspect.getsource(_json.decoder) + inspect.getsource(_json.encoder)
+    from xtok.cli.demo import stdlib_docstrings
+    return "\n\n".join(stdlib_docstrings(400))
 
 
 def pytest_report_header(config):

