@@ -74,16 +74,23 @@ def _write_failed(path: Path, parent: Path, e: OSError) -> ProjectionWriteError:
                                 f"written. Fix: {fix}.")
 
 
+def _temp_beside(path: Path, suffix: str) -> tuple[Path, str]:
+    """(parent, name of a new empty temporary file next to `path`); ProjectionWriteError if the folder
+    is missing or does not accept a new file."""
+    parent = _check_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
+    except OSError as e:
+        raise _write_failed(path, parent, e) from e
+    os.close(fd)
+    return parent, tmp
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail fast, before any long work: raise ProjectionWriteError unless a file can be created at `path`
     (its folder exists and accepts a new file; `path` is not a folder). Creates and removes a probe file."""
     path = Path(path)
-    parent = _check_parent(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as e:
-        raise _write_failed(path, parent, e) from e
-    os.close(fd)
+    _, tmp = _temp_beside(path, ".probe")
     try:
         os.unlink(tmp)
     except OSError:
@@ -96,12 +103,7 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     Nothing is left behind if anything fails; OS errors (unwritable folder, disk full, file too large)
     become a ProjectionWriteError naming `path`."""
     path = Path(path)
-    parent = _check_parent(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise _write_failed(path, parent, e) from e
-    os.close(fd)
+    parent, tmp = _temp_beside(path, ".tmp")
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as f:
