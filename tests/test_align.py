@@ -566,6 +566,57 @@ def test_anchored_banded_pipeline_is_optimal_on_real_edits(seed):
         assert matching_cost(len(a), len(b), pairs) == cost
 
 
+def ref_trim(a: bytes, b: bytes, fa, fb):
+    """(p, s): the common prefix of a and b, cut back to the last position that is a token boundary
+    on both sides unless it is all of both; then the common suffix of what is left, likewise."""
+    def shared(i, j):
+        return bool(fa[i] & fb[j] & CUT_BOUND)
+    n, m = len(a), len(b)
+    p = next((x for x in range(min(n, m)) if a[x] != b[x]), min(n, m))
+    if (p, p) != (n, m):
+        p = max([x for x in range(p + 1) if shared(x, x)] + [0])
+    s = next((x for x in range(min(n, m) - p) if a[n - 1 - x] != b[m - 1 - x]), min(n, m) - p)
+    if (s, s) != (n - p, m - p):
+        s = max([x for x in range(s + 1) if shared(n - x, m - x)] + [0])
+    return p, s
+
+
+def test_trim_common_equals_reference():
+    """The prefix/suffix trim (`_trim_common`: byte_match on whole streams, _align_region on a
+    region after widening) is ref_trim, on random regions of random streams with random flags,
+    and marks exactly those bytes matched on their diagonals."""
+    from xtok.align import _trim_common
+
+    rng = np.random.default_rng(7)
+    for it in range(10_000):
+        alph = int(rng.integers(1, 4))
+        a = rng.integers(0, alph, int(rng.integers(0, 24))).astype(np.uint8)
+        kind = it % 4
+        if kind == 0:
+            b = a.copy()
+        elif kind == 1:
+            b = a[:int(rng.integers(0, a.size + 1))] if rng.random() < 0.5 else a[int(rng.integers(0, a.size + 1)):]
+        elif kind == 2:
+            b = np.insert(a, int(rng.integers(0, a.size + 1)), rng.integers(0, alph, int(rng.integers(0, 4))))
+        else:
+            b = rng.integers(0, alph, int(rng.integers(0, 24))).astype(np.uint8)
+        b = b.astype(np.uint8)
+        pa, qa, pb, qb = (int(x) for x in rng.integers(0, 4, 4))  # context outside the region
+        A = np.concatenate([rng.integers(0, alph, pa), a, rng.integers(0, alph, qa)]).astype(np.uint8)
+        B = np.concatenate([rng.integers(0, alph, pb), b, rng.integers(0, alph, qb)]).astype(np.uint8)
+        density = float(rng.random())
+        FA, FB = _rand_flags(rng, A.size, density), _rand_flags(rng, B.size, density)
+        a0, a1, b0, b1 = pa, pa + a.size, pb, pb + b.size
+        want = ref_trim(a.tobytes(), b.tobytes(), FA[a0:a1 + 1], FB[b0:b1 + 1])
+        mt, ms = np.full(A.size, -1, np.int64), np.full(B.size, -1, np.int64)
+        got = _trim_common(A, B, FA, FB, a0, a1, b0, b1, mt, ms)
+        assert tuple(int(x) for x in got) == want, (a.tolist(), b.tolist(), FA[a0:a1 + 1].tolist(), FB[b0:b1 + 1].tolist())
+        p, s = want
+        pairs = [(a0 + x, b0 + x) for x in range(p)] + [(a1 - x, b1 - x) for x in range(s, 0, -1)]
+        assert [(i, int(mt[i])) for i in range(A.size) if mt[i] >= 0] == pairs
+        assert [(int(ms[j]), j) for j in range(B.size) if ms[j] >= 0] == pairs
+
+
 # --------------------------------------------------------------------------------------------
 # tests: chunks vs reference, exact path, real tokenizer pairs
 # --------------------------------------------------------------------------------------------

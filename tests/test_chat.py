@@ -198,6 +198,29 @@ def test_template_source_is_what_is_rendered(tmp_path, tekken_tok):
     assert render_chat(tekken_tok, MSGS, template=f).text == plain_render(DEFAULT_TEMPLATES["plain"], tekken_tok, MSGS)
 
 
+def test_strftime_now_in_templates(tekken_tok):
+    """`strftime_now` (HF's template global) works at top level, in macros and in {% set %}."""
+    from datetime import datetime
+
+    tpl = ("{% macro year() %}{{ strftime_now('%Y') }}{% endmacro %}{% set d = strftime_now('%Y-%m') %}"
+           "{% for m in messages %}{{ year() }}|{{ d }}|{{ m['content'] }}\n{% endfor %}")
+    before = datetime.now()
+    r = render_chat(tekken_tok, MSGS[1:3], template=tpl)
+    after = datetime.now()
+    assert r.text in {"".join(f"{t:%Y}|{t:%Y-%m}|{m['content']}\n" for m in MSGS[1:3]) for t in (before, after)}
+    assert r.assistant_mask.any()
+
+
+def test_marker_pair_check():
+    from xtok.chat import _MK, _WI, _bad_pairs
+
+    op = np.array([_MK, _MK + 4], np.int64)
+    assert not _bad_pairs(op, op + 1)
+    assert _bad_pairs(op, op + 2)                       # a close marker that is not the partner
+    assert _bad_pairs(op + 1, op + 2)                   # an odd (closing) code point as an opener
+    assert _bad_pairs(np.array([_WI], np.int64), np.array([_WI + 1], np.int64))  # a word-index marker
+
+
 def test_unlocatable_content_is_a_clear_error(tekken_tok):
     """Templates that cut or repeat the content: no mask can be right, so no silent guess."""
     for tpl in ("{% for m in messages %}{{ m['content'][:7] }}|{% endfor %}",

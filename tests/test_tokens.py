@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN, asset
-from xtok.tokens import TokenBytes, TokenizerLoadError, bytes_to_unicode, load_tokenizer
+from xtok.tokens import TokenBytes, TokenizerLoadError, bytes_to_unicode, char_to_byte_offsets, load_tokenizer
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -82,6 +82,7 @@ def test_parse_special_false_encodes_special_strings_as_text(name):
     assert all(o == (parsed.tolist() if k % 2 else lit.tolist()) for k, o in enumerate(outs))
     if name == "gpt2":  # (small: pickling re-serialises the whole tokenizer)
         t2 = pickle.loads(pickle.dumps(tok))
+        assert tok._backend._literal is not None and t2._backend._literal is None  # the copy is rebuilt
         assert t2.encode(text, parse_special=False).tolist() == lit.tolist()
         assert t2.encode(text).tolist() == parsed.tolist()
 
@@ -192,6 +193,38 @@ def test_token_bytes_concat_matches_python_join():
         assert tb.concat(ids) == b"".join(pieces[i] or b"" for i in ids)
     assert tb.is_special.tolist() == [p is None for p in pieces]
     assert tb.word_start.tolist() == [bool(p) and p[:1] == b" " for p in pieces]
+
+
+def test_token_bytes_lengths_cached_read_only_not_pickled(tekken_tok):
+    import dataclasses
+
+    pieces = [b"a", None, b" bc", b"", "日".encode(), None]
+    for tb in (TokenBytes.from_list(pieces), tekken_tok.token_bytes):
+        size = len(pickle.dumps(tb))
+        ln = tb.lengths
+        assert ln is tb.lengths  # computed once
+        assert ln.dtype == np.int64 and np.array_equal(ln, np.diff(tb.offsets))
+        assert not ln.flags.writeable
+        with pytest.raises(ValueError):
+            ln[0] = 7
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            tb.lengths = ln
+        assert len(pickle.dumps(tb)) == size  # the cache does not travel
+        tb2 = pickle.loads(pickle.dumps(tb))
+        assert np.array_equal(tb2.lengths, ln) and not tb2.lengths.flags.writeable
+        assert np.array_equal(tb2.word_start, tb.word_start) and np.array_equal(tb2.offsets, tb.offsets)
+    assert TokenBytes.from_list(pieces).lengths.tolist() == [1, 0, 3, 0, 3, 0]
+
+
+def test_char_to_byte_offsets():
+    for text in ["", "a", "abc", "é", "Café naïve — 日本語 👍🏽 👨\u200d👩\u200d👧", "\U0010FFFF\x00\x7f\x80\u07ff\u0800\uffff"]:
+        want = [0]
+        for ch in text:
+            want.append(want[-1] + len(ch.encode("utf-8")))
+        got = char_to_byte_offsets(text)
+        assert got.dtype == np.int64 and got.tolist() == want
+    with pytest.raises(UnicodeEncodeError):
+        char_to_byte_offsets("a\ud800b")
 
 
 def test_same_vocabulary_same_hash_and_pickle(spm_tok):

@@ -258,6 +258,20 @@ def _runs(flags):
 
 
 @njit(cache=True, nogil=True)
+def _tie_penalties(f, n1, three, K):
+    """The `_gotoh` tie-break penalties at positions 0..n1-1 of one side, from its flags f: p[i] for a
+    gap starting at i or lying at i on the other side (K unless a token boundary), e[i] for a gap
+    ending at i (K unless CUT_END); each + 1 (a miss) unless CUT_SPECIAL (or not three)."""
+    p = np.empty(n1, np.int64)
+    e = np.empty(n1, np.int64)
+    for i in range(n1):
+        q = 0 if (not three or f[i] & CUT_SPECIAL) else 1
+        p[i] = (0 if f[i] & CUT_BOUND else K) + q
+        e[i] = (0 if f[i] & CUT_END else K) + q
+    return p, e
+
+
+@njit(cache=True, nogil=True)
 def _gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, a_off, b_off):
     """Affine-gap alignment of a vs b (match 0, gaps go + L*ge, unequal bytes never pair) with row
     i restricted to columns lo[i]..hi[i] (inclusive). Writes matches into mt/ms (offset by
@@ -293,18 +307,8 @@ def _gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, a_off, b_off):
     E = ge * S         # extending a gap
     # tie-break penalty per position: pX for a gap starting there or lying there on the other side
     # (not a token boundary; not at a special), eX for a gap ending there (may not end; not at a special)
-    pa = np.empty(n + 1, np.int64)
-    ea = np.empty(n + 1, np.int64)
-    for i in range(n + 1):
-        q = 0 if (not three or fa[i] & CUT_SPECIAL) else 1
-        pa[i] = (0 if fa[i] & CUT_BOUND else K) + q
-        ea[i] = (0 if fa[i] & CUT_END else K) + q
-    pb = np.empty(m + 1, np.int64)
-    eb = np.empty(m + 1, np.int64)
-    for j in range(m + 1):
-        q = 0 if (not three or fb[j] & CUT_SPECIAL) else 1
-        pb[j] = (0 if fb[j] & CUT_BOUND else K) + q
-        eb[j] = (0 if fb[j] & CUT_END else K) + q
+    pa, ea = _tie_penalties(fa, n + 1, three, K)
+    pb, eb = _tie_penalties(fb, m + 1, three, K)
     ptr = np.zeros((n + 1, W), np.uint8)
     INF = _INF
     pM = np.full(m + 1, INF, np.int64)
@@ -494,24 +498,12 @@ def _widen(fa, fb, mt, ms, a0, a1, b0, b1):
 
 
 @njit(cache=True, nogil=True)
-def _align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
-    """Align a[a0:a1] with b[b0:b1]. A region of <= full_cells cells gets the full DP as it is
-    (exact, tie-break included). A larger one first has its common prefix/suffix matched directly,
-    each cut back to the last position that is a token boundary on both sides (so the DP still
-    places the gaps next to it); what is left gets the full DP when small, else it is deferred
-    (appended to out[no], returns no + 1) or gets the banded DP."""
-    if a1 - a0 == 0 and b1 - b0 == 0:
-        return no
-    a0, b0, a1, b1 = _widen(fa, fb, mt, ms, a0, a1, b0, b1)
+def _trim_common(a, b, fa, fb, a0, a1, b0, b1, mt, ms):
+    """Match the common prefix and suffix of a[a0:a1] and b[b0:b1] directly (into mt/ms), each cut
+    back to the last position that is a token boundary on both sides unless it is all of both
+    (so the DP still places the gaps next to it). Returns their lengths (p, s)."""
     n = a1 - a0
     m = b1 - b0
-    if n == 0 or m == 0:
-        return no
-    if (n + 1) * (m + 1) <= full_cells:
-        lo = np.zeros(n + 1, np.int64)
-        hi = np.full(n + 1, m, np.int64)
-        _gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
-        return no
     p = 0
     while p < n and p < m and a[a0 + p] == b[b0 + p]:
         p += 1
@@ -530,6 +522,29 @@ def _align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half
     for x in range(1, s + 1):
         mt[a1 - x] = b1 - x
         ms[b1 - x] = a1 - x
+    return p, s
+
+
+@njit(cache=True, nogil=True)
+def _align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
+    """Align a[a0:a1] with b[b0:b1]. A region of <= full_cells cells gets the full DP as it is
+    (exact, tie-break included). A larger one first has its common prefix/suffix matched directly,
+    each cut back to the last position that is a token boundary on both sides (so the DP still
+    places the gaps next to it); what is left gets the full DP when small, else it is deferred
+    (appended to out[no], returns no + 1) or gets the banded DP."""
+    if a1 - a0 == 0 and b1 - b0 == 0:
+        return no
+    a0, b0, a1, b1 = _widen(fa, fb, mt, ms, a0, a1, b0, b1)
+    n = a1 - a0
+    m = b1 - b0
+    if n == 0 or m == 0:
+        return no
+    if (n + 1) * (m + 1) <= full_cells:
+        lo = np.zeros(n + 1, np.int64)
+        hi = np.full(n + 1, m, np.int64)
+        _gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
+        return no
+    p, s = _trim_common(a, b, fa, fb, a0, a1, b0, b1, mt, ms)
     a0 += p
     b0 += p
     a1 -= s
@@ -701,23 +716,9 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
         return mt, ms
     # common prefix / suffix, each cut back to the last position that is a token boundary on both
     # sides (unless it consumes everything), so the DP still places the gaps next to it
-    L = min(n, m) if (n + 1) * (m + 1) > full_cells else 0  # small: the exact DP does it all
-    neq = np.flatnonzero(a[:L] != b[:L])
-    p = int(neq[0]) if neq.size else L
-    if p < n or p < m:
-        q = np.flatnonzero(fa[:p + 1] & fb[:p + 1] & CUT_BOUND)
-        p = int(q[-1]) if q.size else 0
-    neq = np.flatnonzero(a[n - L + p:][::-1] != b[m - L + p:][::-1]) if L > p else np.empty(0, np.int64)
-    s = int(neq[0]) if neq.size else L - p
-    if s < n - p or s < m - p:
-        q = np.flatnonzero(fa[n - s:n + 1][::-1] & fb[m - s:m + 1][::-1] & CUT_BOUND)
-        s = int(q[-1]) if q.size else 0
-    if p:
-        mt[:p] = np.arange(p)
-        ms[:p] = np.arange(p)
-    if s:
-        mt[n - s:] = np.arange(m - s, m)
-        ms[m - s:] = np.arange(n - s, n)
+    p = s = 0
+    if (n + 1) * (m + 1) > full_cells:  # small: the exact DP does it all
+        p, s = _trim_common(a, b, fa, fb, 0, n, 0, m, mt, ms)
     # anchored refinement: unique k-grams at decreasing k; large regions left between anchors
     # are re-anchored (unique within the region) with a smaller k, then banded as a last resort
     regions = np.array([[p, n - s, p, m - s]], dtype=np.int64)

@@ -26,7 +26,6 @@ puts between the content and that token (Llama-2's `' ' + content.strip() + ' ' 
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import weakref
@@ -37,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .tokens import Tokenizer
+from .tokens import Tokenizer, char_to_byte_offsets
 
 __all__ = ["RenderedChat", "render_chat", "load_template", "chat_template_source", "default_template",
            "ChatFormatError", "DEFAULT_TEMPLATES"]
@@ -146,8 +145,7 @@ def _compile(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["raise_exception"] = raise_exception  # strftime_now comes with each render (render_chat)
     return env.from_string(source)
 
 
@@ -189,16 +187,12 @@ def _word_re(tok: Tokenizer) -> re.Pattern:
     if rx is None:
         tag = re.compile(_TAG)
         odd = (s for s in tok.special_tokens if s and not s.isspace() and not tag.fullmatch(s))
-        rx = _WORD_RE[tok] = _word_re_for(tuple(sorted(odd, key=len, reverse=True)))
+        specials = sorted(odd, key=len, reverse=True)
+        rx = _WORD_RE[tok] = re.compile("|".join([re.escape(s) for s in specials] + [_TAG, r"\s+"]))
     return rx
 
 
 _WORD_RE: "weakref.WeakKeyDictionary[Tokenizer, re.Pattern]" = weakref.WeakKeyDictionary()
-
-
-@functools.lru_cache(maxsize=64)
-def _word_re_for(specials: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join([re.escape(s) for s in specials] + [_TAG, r"\s+"]))
 
 
 def _words(rx: re.Pattern, content: str) -> list[tuple[int, int]]:
@@ -222,12 +216,18 @@ def _markers(rendered: str):
     return clean, cps[idx].astype(np.int64), idx - np.arange(idx.size)
 
 
+def _bad_pairs(op, cl) -> bool:
+    """Whether any open marker is not a message-open code point (plane 15, even) or any close
+    marker is not its partner (open + 1)."""
+    return bool(np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(cl != op + 1))
+
+
 def _spans_whole(vals, pos, asst: list[int]) -> dict[int, tuple[int, int]] | None:
     """Strategy 1: each assistant message's open/close markers once each, adjacent, in order."""
     if vals.size != 2 * len(asst) or vals.size == 0:
         return None
     op, cl = vals[0::2], vals[1::2]
-    if np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(cl != op + 1):
+    if _bad_pairs(op, cl):
         return None
     ks = ((op - _MK) // 2).tolist()
     if sorted(ks) != sorted(asst) or len(set(ks)) != len(ks):
@@ -242,8 +242,7 @@ def _spans_words(vals, pos, words: dict[int, list], contents: dict[int, str], te
     if vals.size % 3:
         return None
     op, wi, cl = vals[0::3], vals[1::3], vals[2::3]
-    if (np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(wi < _WI) or np.any(cl != op + 1)
-            or np.any(pos[1::3] != pos[0::3])):
+    if _bad_pairs(op, cl) or np.any(wi < _WI) or np.any(pos[1::3] != pos[0::3]):
         return None
     ks, js = (op - _MK) // 2, wi - _WI
     starts, ends = pos[0::3], pos[2::3]
@@ -384,11 +383,7 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path |
     ids, off = tok.encode_with_offsets(text)
     mask = np.zeros(len(ids), dtype=bool)
     if cspans:
-        # char -> byte offsets in text.encode()
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        c2b = np.zeros(cps.size + 1, dtype=np.int64)
-        np.cumsum(1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000), out=c2b[1:])
-        sp = c2b[np.asarray(cspans, dtype=np.int64)]
+        sp = char_to_byte_offsets(text)[np.asarray(cspans, dtype=np.int64)]  # char -> byte spans
         # token i overlaps span j  <=>  off_start < span_end and off_end > span_start
         j = np.searchsorted(sp[:, 1], off[:, 0], side="right")  # first span ending after token start
         ok = j < len(sp)

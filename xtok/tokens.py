@@ -64,6 +64,7 @@ __all__ = [
     "TokenizerLoadError",
     "load_tokenizer",
     "bytes_to_unicode",
+    "char_to_byte_offsets",
 ]
 
 
@@ -115,6 +116,7 @@ class TokenBytes:
     offsets:    int64 [V + 1]   token i's bytes are data[offsets[i]:offsets[i+1]]
     is_special: bool  [V]       control/special tokens (no bytes; never aligned as text)
     word_start: bool  [V]       the token's bytes begin with a space (starts a new word)
+    lengths:    int64 [V]       (property) np.diff(offsets): computed once, read-only, not pickled
     """
 
     data: np.ndarray
@@ -126,9 +128,19 @@ class TokenBytes:
     def vocab_size(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Byte length of each token (`np.diff(offsets)`; special tokens count their bytes, which
+        `from_list` makes 0), computed once on first use and read-only (one array shared by every
+        caller; copy it to modify). Not pickled: recomputed on first use after unpickling."""
+        lengths = np.diff(self.offsets)
+        lengths.flags.writeable = False
+        return lengths
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("lengths", None)  # the cached_property's value
+        return state
 
     def get(self, token_id: int) -> bytes:
         return self.data[self.offsets[token_id] : self.offsets[token_id + 1]].tobytes()
@@ -246,12 +258,7 @@ class Tokenizer:
             ids = np.asarray(enc.ids, dtype=np.int64)
             char_off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
             text_b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-            c2b = np.zeros(len(text) + 1, dtype=np.int64)
-            if text:  # byte offset of every char boundary: count the non-continuation bytes
-                starts = np.nonzero((text_b & 0xC0) != 0x80)[0]
-                c2b[:-1] = starts
-                c2b[-1] = len(text_b)
-            off = c2b[char_off]
+            off = char_to_byte_offsets(text)[char_off]
             # exact byte spans when the token bytes reproduce the text (no normalisation):
             # HF offsets are char-granular, so a token holding part of a UTF-8 char needs this
             lens = self.token_bytes.lengths[ids].copy()
@@ -321,6 +328,17 @@ class Tokenizer:
             yield (part in self.special_tokens), part
 
 
+def char_to_byte_offsets(text: str) -> np.ndarray:
+    """int64 [len(text) + 1]: the byte offset in `text.encode('utf-8')` of every char boundary
+    (the last entry is the byte length). A lone surrogate raises UnicodeEncodeError, as encode does."""
+    text_b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    c2b = np.zeros(len(text) + 1, dtype=np.int64)
+    if text:  # count the non-continuation bytes
+        c2b[:-1] = np.nonzero((text_b & 0xC0) != 0x80)[0]
+        c2b[-1] = len(text_b)
+    return c2b
+
+
 def _split_shared_spans(off: np.ndarray, lens: np.ndarray, special: np.ndarray) -> np.ndarray:
     """HF offsets are char-granular: byte-fallback pieces of one character (`<0xE2><0x98><0x95>`)
     all get the character's span. Split each run of consecutive non-special tokens sharing one
@@ -363,10 +381,6 @@ class _HFBackend:
 
     def __getstate__(self):
         return {"tok": self.tok, "_literal": None}
-
-    def __setstate__(self, state):
-        self.tok = state["tok"]
-        self._literal = None
 
     @property
     def literal(self):
