@@ -65,11 +65,12 @@ def _decode_row_into_py(r, ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, 
     """Decode store row r straight from an `xtok extract` shard's packed bytes (docs/formats.md) into
     out_ids int32 [k+m] (-1 = none) / out_p float32 [k+m].
 
-    ids_buf uint8: packed top-k ids of all P*k entries; id_mode 0: uint16, 1: 16 low bits + 2 high bits
-    four per byte after them, 2: uint32 (little endian). deltas uint8 [P*(k-1)]: deltas of the monotone
-    log-prob codes (code 0 = top-1). n_kept: [P] or empty (all k kept). tail float32 [P]: exact tail
-    mass r. tail_buf/tail_none: packed sampled tail ids (P*m) and the big-endian bit mask of empty draws
-    (m = 0: none). table float64 [256]: exp(-d(code)). codes: int64 scratch [>= k].
+    ids_buf uint8: packed top-k ids of all P*k entries (`xtok.store.pack_ids`); id_mode: `xtok.store._id_mode`
+    (0: uint16, 1: 16 low bits + 2 high bits four per byte after them, 2: uint32). deltas uint8 [P*(k-1)]:
+    deltas of the monotone log-prob codes (code 0 = top-1). n_kept: [P] or empty (all k kept). tail
+    float32 [P]: exact tail mass r. tail_buf/tail_none: packed sampled tail ids (P*m) and the big-endian
+    bit mask of empty draws (m = 0: none). table float64 [256]: exp(-d(code)) (`xtok.store._code_nats`).
+    codes: int64 scratch [>= k].
     p_j = max(1 - r, 1e-300) * table[c_j] / sum_{valid i} table[c_i] (what `TeacherStore` decodes,
     without its log round trip), and r / m for each sampled tail id."""
     P = tail.shape[0]
@@ -86,34 +87,32 @@ def _decode_row_into_py(r, ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, 
     if mass < 1e-300:
         mass = 1e-300
     scale = mass / z if z > 0 else 0.0
-    for w in range(2):
-        buf = ids_buf if w == 0 else tail_buf
-        cnt = k if w == 0 else m
-        n_all = P * cnt
-        for j in range(cnt):
-            o = j if w == 0 else k + j
-            e = r * cnt + j
-            if w == 0:
-                if j >= nk:
-                    out_ids[o] = -1
-                    out_p[o] = 0.0
-                    continue
-                out_p[o] = scale * table[codes[j]]
-            else:
-                if (tail_none[e >> 3] >> (7 - (e & 7))) & 1:
-                    out_ids[o] = -1
-                    out_p[o] = 0.0
-                    continue
-                out_p[o] = np.float32(tail[r]) / np.float32(m)
-            if id_mode == 0:
-                v = np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
-            elif id_mode == 1:
-                v = (np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
-                     | (((np.int64(buf[2 * n_all + (e >> 2)]) >> (2 * (e & 3))) & 3) << 16))
-            else:
-                v = (np.int64(buf[4 * e]) | (np.int64(buf[4 * e + 1]) << 8)
-                     | (np.int64(buf[4 * e + 2]) << 16) | (np.int64(buf[4 * e + 3]) << 24))
-            out_ids[o] = v
+    for j in range(k):
+        if j >= nk:
+            out_ids[j] = -1
+            out_p[j] = 0.0
+        else:
+            out_ids[j] = _unpack_id(ids_buf, id_mode, r * k + j, P * k)
+            out_p[j] = scale * table[codes[j]]
+    for j in range(m):
+        e = r * m + j
+        if (tail_none[e >> 3] >> (7 - (e & 7))) & 1:
+            out_ids[k + j] = -1
+            out_p[k + j] = 0.0
+        else:
+            out_ids[k + j] = _unpack_id(tail_buf, id_mode, e, P * m)
+            out_p[k + j] = np.float32(tail[r]) / np.float32(m)
+
+
+def _unpack_id_py(buf, id_mode, e, n_all):
+    """Id e of the n_all ids that `xtok.store.pack_ids` packed into buf (id_mode: `xtok.store._id_mode`)."""
+    if id_mode == 0:
+        return np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
+    if id_mode == 1:
+        return (np.int64(buf[2 * e]) | (np.int64(buf[2 * e + 1]) << 8)
+                | (((np.int64(buf[2 * n_all + (e >> 2)]) >> (2 * (e & 3))) & 3) << 16))
+    return (np.int64(buf[4 * e]) | (np.int64(buf[4 * e + 1]) << 8)
+            | (np.int64(buf[4 * e + 2]) << 16) | (np.int64(buf[4 * e + 3]) << 24))
 
 
 def _decode_rows_py(rows, ids_buf, id_mode, deltas, k, n_kept, tail, tail_buf, tail_none, m, table):
@@ -137,7 +136,6 @@ def _project_row_py(onehot, cv, indptr, cols, vals, ids, probs, row, mark, out_i
     when its high half is this row's number `row` (no reset pass between rows)."""
     base = pos
     tot = 0.0
-    tag = np.int64(row) << 32
     for j in range(ids.shape[0]):
         t = ids[j]
         p = probs[j]
@@ -148,29 +146,37 @@ def _project_row_py(onehot, cv, indptr, cols, vals, ids, probs, row, mark, out_i
             if c < 0:
                 continue
             q = p * cv[t, 1]
-            v = mark[c]
-            if (v >> 32) == row:
-                out_p[base + (v & 0xFFFFFFFF)] += q
-            else:
-                mark[c] = tag | (pos - base)
-                out_ids[pos] = c
-                out_p[pos] = q
-                pos += 1
+            pos = _merge(c, q, row, base, pos, mark, out_ids, out_p)
             tot += q
         else:
             for z in range(indptr[t], indptr[t + 1]):
-                c = cols[z]
                 q = p * vals[z]
-                v = mark[c]
-                if (v >> 32) == row:
-                    out_p[base + (v & 0xFFFFFFFF)] += q
-                else:
-                    mark[c] = tag | (pos - base)
-                    out_ids[pos] = c
-                    out_p[pos] = q
-                    pos += 1
+                pos = _merge(cols[z], q, row, base, pos, mark, out_ids, out_p)
                 tot += q
     return pos, tot
+
+
+def _merge_py(c, q, row, base, pos, mark, out_ids, out_p):
+    """Add weight q for student id c to the row being written at out_ids/out_p[base:pos] (see
+    `_project_row`): onto c's entry when the row has one, else as a new entry at pos. Returns the new pos."""
+    v = mark[c]
+    if (v >> 32) == row:
+        out_p[base + (v & 0xFFFFFFFF)] += q
+        return pos
+    mark[c] = (np.int64(row) << 32) | (pos - base)
+    out_ids[pos] = c
+    out_p[pos] = q
+    return pos + 1
+
+
+def _grow_py(out_ids, out_p, pos, need):
+    """Larger copies of the output buffers (the first pos entries kept): capacity max(2 * old, need)."""
+    cap = max(2 * out_ids.shape[0], need)
+    a = np.empty(cap, np.int32)
+    a[:pos] = out_ids[:pos]
+    b = np.empty(cap, np.float32)
+    b[:pos] = out_p[:pos]
+    return a, b
 
 
 def _row_bound_py(onehot, indptr, ids):
@@ -191,7 +197,7 @@ def _project_rows_py(onehot, cv, indptr, cols, vals, n_student, ids, probs):
     Returns a flat CSR result (ids int32, probs float32, offsets int64 [n+1]) and the per-row tail
     `max(0, 1 - sum of the row's probs)` (float32 [n])."""
     n = ids.shape[0]
-    cap = max(16, n * ids.shape[1])
+    cap = max(16, n * ids.shape[1])  # grown by _grow when a row needs more
     out_ids = np.empty(cap, np.int32)
     out_p = np.empty(cap, np.float32)
     offsets = np.empty(n + 1, np.int64)
@@ -200,14 +206,8 @@ def _project_rows_py(onehot, cv, indptr, cols, vals, n_student, ids, probs):
     pos = 0
     for i in range(n):
         need = pos + _row_bound(onehot, indptr, ids[i])
-        if need > cap:
-            cap = max(2 * cap, need)
-            a = np.empty(cap, np.int32)
-            a[:pos] = out_ids[:pos]
-            out_ids = a
-            b = np.empty(cap, np.float32)
-            b[:pos] = out_p[:pos]
-            out_p = b
+        if need > out_ids.shape[0]:
+            out_ids, out_p = _grow(out_ids, out_p, pos, need)
         offsets[i] = pos
         pos, tot = _project_row(onehot, cv, indptr, cols, vals, ids[i], probs[i], i, mark, out_ids, out_p, pos)
         tail[i] = max(0.0, 1.0 - tot)
@@ -221,7 +221,7 @@ def _project_raw_py(rows, ids_buf, id_mode, deltas, k, n_kept, tail_mass, tail_b
     in L1, then projected (no [n, k+m] intermediate)."""
     n = rows.shape[0]
     w = k + m
-    cap = max(16, n * w)
+    cap = max(16, n * w)  # grown by _grow when a row needs more
     out_ids = np.empty(cap, np.int32)
     out_p = np.empty(cap, np.float32)
     offsets = np.empty(n + 1, np.int64)
@@ -235,14 +235,8 @@ def _project_raw_py(rows, ids_buf, id_mode, deltas, k, n_kept, tail_mass, tail_b
         _decode_row_into(rows[i], ids_buf, id_mode, deltas, k, n_kept, tail_mass, tail_buf, tail_none, m, table,
                          codes, rid, rp)
         need = pos + _row_bound(onehot, indptr, rid)
-        if need > cap:
-            cap = max(2 * cap, need)
-            a = np.empty(cap, np.int32)
-            a[:pos] = out_ids[:pos]
-            out_ids = a
-            b = np.empty(cap, np.float32)
-            b[:pos] = out_p[:pos]
-            out_p = b
+        if need > out_ids.shape[0]:
+            out_ids, out_p = _grow(out_ids, out_p, pos, need)
         offsets[i] = pos
         pos, tot = _project_row(onehot, cv, indptr, cols, vals, rid, rp, i, mark, out_ids, out_p, pos)
         tail[i] = max(0.0, 1.0 - tot)
@@ -291,7 +285,9 @@ def _fill_rows_py(flat_ids, flat_p, offsets, out_ids, out_p):
 
 
 _KERNELS: dict[str, Any] = {}
-_HELPERS = ("_decode_row_into", "_project_row", "_row_bound")  # called from kernels: compiled first
+# called from kernels: compiled first
+_HELPERS = ("_unpack_id", "_merge", "_grow", "_decode_row_into", "_project_row", "_row_bound")
+_INLINED = ("_unpack_id", "_merge", "_grow")  # helpers inlined into their callers by Numba (inline='always')
 
 
 def _kernel(name: str):
@@ -303,7 +299,8 @@ def _kernel(name: str):
         g = globals()
         for h in _HELPERS:  # kernels call these by their global name: make it the compiled dispatcher
             if h not in _KERNELS:
-                _KERNELS[h] = g[h] = numba.njit(cache=True, nogil=True)(g[h + "_py"])
+                opts = {"inline": "always"} if h in _INLINED else {}
+                _KERNELS[h] = g[h] = numba.njit(cache=True, nogil=True, **opts)(g[h + "_py"])
         fn = numba.njit(cache=True, nogil=True)(g[name + "_py"])
         _KERNELS[name] = fn
     return fn
@@ -313,8 +310,20 @@ def _decode_row_into(*a):  # replaced by the compiled helper on first kernel use
     return _decode_row_into_py(*a)
 
 
+def _unpack_id(*a):
+    return _unpack_id_py(*a)
+
+
 def _project_row(*a):
     return _project_row_py(*a)
+
+
+def _merge(*a):
+    return _merge_py(*a)
+
+
+def _grow(*a):
+    return _grow_py(*a)
 
 
 def _row_bound(*a):
@@ -380,12 +389,13 @@ class TeacherSpec:
     _store: Any = field(default=None, init=False, repr=False, compare=False)
     _proj: Any = field(default=None, init=False, repr=False, compare=False)
     _raw: Any = field(default=None, init=False, repr=False, compare=False)
+    _temp: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- pickling: paths travel, opened handles do not -----------------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         if not _is_loaded(self.store):
-            d["_store"] = None
+            d["_store"] = d["_temp"] = None
         if not _is_loaded(self.projection):
             d["_proj"] = None
         if not isinstance(self.tokenizer, Tokenizer):
@@ -419,16 +429,24 @@ class TeacherSpec:
 
     @property
     def temperature(self) -> float:
-        """The temperature the store's targets were extracted at (manifest 'temperature'; 1.0 if absent)."""
-        man = _manifest(self.teacher_store)
-        t = man.get("temperature") if man is not None else None
-        if t is None:
-            return 1.0
-        try:
-            return float(t)
-        except (TypeError, ValueError):
-            raise CollatorError(f"teacher {self.name!r}: store {_store_name(self.store)} has a manifest 'temperature' "
-                                f"of {t!r}, not a number; fix the manifest or re-extract the store.") from None
+        """The temperature the store's targets were extracted at (manifest 'temperature'; 1.0 if absent);
+        read once."""
+        if self._temp is None:
+            store = self.teacher_store
+            from .store import TeacherStore
+
+            if isinstance(store, TeacherStore):
+                t = store.temperature
+            else:
+                man = _manifest(store)
+                t = man.get("temperature") if man is not None else None
+            try:
+                self._temp = 1.0 if t is None else float(t)
+            except (TypeError, ValueError):
+                raise CollatorError(f"teacher {self.name!r}: store {_store_name(self.store)} has a manifest "
+                                    f"'temperature' of {t!r}, not a number; fix the manifest or re-extract the "
+                                    "store.") from None
+        return self._temp
 
     def projector(self, student: Tokenizer) -> "_Projector":
         """The (lazily loaded) projection W, wrapped for the collator."""
@@ -469,10 +487,7 @@ class TeacherSpec:
         if raw is None:
             raw = self._raw = _RawReader.of(store) or False
         if raw is not False:
-            try:
-                return raw.get(key)
-            except (AttributeError, TypeError):  # the store's internals changed: use its public API
-                self._raw = False
+            return raw.get(key)
         try:
             return store[key]
         except (KeyError, IndexError):
@@ -517,22 +532,16 @@ class _RawReader:
     `of()` returns None for any other store type; `TeacherSpec.lookup` then uses `store[key]`."""
 
     def __init__(self, store):
-        self.store = store
-        from .store import D_MAX, QSTEP
+        from .store import _code_nats
 
-        c = np.arange(256, dtype=np.float64)
-        d = np.where(c >= 255, D_MAX + 4.0, (c * QSTEP) ** 2)  # as xtok.store.dequantize_logprobs
-        self.table = np.exp(-d)
+        self.store = store
+        self.table = np.exp(-_code_nats(np.arange(256)))  # exp(-d(code)) of every log-prob code
 
     @classmethod
     def of(cls, store):
-        try:
-            from .store import TeacherStore
-        except ImportError:  # pragma: no cover
-            return None
-        if not isinstance(store, TeacherStore):
-            return None
-        return cls(store)
+        from .store import TeacherStore
+
+        return cls(store) if isinstance(store, TeacherStore) else None
 
     def get(self, key: str):
         st = self.store
@@ -543,30 +552,21 @@ class _RawReader:
         return _RawExample(cols, i, int(st.top_k), int(st.sample_tail), int(st.vocab_size), self.table)
 
 
-_EMPTY_U8 = np.zeros(0, np.uint8)
-_EMPTY_U8.setflags(write=False)  # read-only like the shard buffers: one kernel specialisation
-
-
 class _RawExample:
     """One stored example with its top-k rows still packed. input_ids, positions, tail_mass and
     target_logprob are decoded (small); `rows(rows)` decodes the wanted top-k rows (+ tail samples)."""
 
     def __init__(self, cols, i, k, m, vocab_size, table):
-        def raw(name):
-            arr = cols[name]
-            off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
-            data = arr.buffers()[2]
-            if data is None or off[i + 1] == off[i]:
-                return _EMPTY_U8
-            return np.frombuffer(data, dtype=np.uint8, count=int(off[i + 1] - off[i]), offset=int(off[i]))
+        from .store import _NO_BYTES, _from_runs, _id_mode, _raw_bytes, unpack_ids
 
-        from .store import _from_runs, unpack_ids
+        def raw(name):
+            return _raw_bytes(cols, name, i)
 
         T = int(cols["n_tokens"][i].as_py())
         P = int(cols["n_positions"][i].as_py())
         self.key = cols["key"][i].as_py()
         self.k, self.m, self.table = k, m, table
-        self.id_mode = 0 if vocab_size <= 1 << 16 else 1 if vocab_size <= 1 << 18 else 2
+        self.id_mode = _id_mode(vocab_size)
         self.input_ids = unpack_ids(raw("input_ids"), T, vocab_size)
         self.positions = _from_runs(raw("position_runs").view("<i4").reshape(-1, 2))
         self.tail_mass = raw("tail_mass").view("<f4").astype(np.float32)
@@ -579,15 +579,16 @@ class _RawExample:
         self.tail_none = raw("tail_none")
         if not self.tail_buf.size:
             self.m = 0
+        if not self.m:  # no sampled tail ids: the kernels get none (read-only, as the shard views)
+            self.tail_buf = self.tail_none = _NO_BYTES
         if P and (self.positions.shape[0] != P or self.tail_mass.shape[0] != P
                   or self.deltas.shape[0] != P * max(k - 1, 0)):
             raise ValueError(f"store row {self.key!r}: column sizes do not match n_positions={P}")
 
     def raw_args(self) -> tuple:
         """The kernel arguments (`_decode_row_into`) describing this row's packed top-k and tail."""
-        m = self.m
-        return (self.ids_buf, self.id_mode, self.deltas, self.k, self.n_kept, self.tail_mass,
-                self.tail_buf if m else _EMPTY_U8, self.tail_none if m else _EMPTY_U8, m, self.table)
+        return (self.ids_buf, self.id_mode, self.deltas, self.k, self.n_kept, self.tail_mass, self.tail_buf,
+                self.tail_none, self.m, self.table)
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32 [n, k+m] (-1 = none), probs float32 [n, k+m]) of store rows `rows`."""
@@ -695,56 +696,29 @@ def _empty_targets(present: bool, counts: dict) -> TeacherTargets:
                           np.zeros(0, np.float32), present, counts)
 
 
-class _TokInfo:
-    """Per-tokenizer arrays the alignment wrapper needs: byte length per id (0 for special tokens, as
-    the aligner counts them) and whether an id's bytes start with a space."""
-
-    def __init__(self, tok: Tokenizer):
-        tb = tok.token_bytes
-        self.tb = tb
-        self.prefix_space = bool(getattr(tok, "prefix_space", False))
-        lens = np.diff(tb.offsets).astype(np.int64)
-        lens[np.asarray(tb.is_special, bool)] = 0
-        self.lengths = lens
-        first = np.zeros(lens.shape[0], bool)
-        nz = lens > 0
-        first[nz] = tb.data[tb.offsets[:-1][nz]] == 32
-        self.space_first = first
-
-    def cum(self, ids: np.ndarray, strip: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(cum int64 [n+1], skip int64 [n]): byte offsets of the token stream, and 1 for a token whose
-        leading dummy-prefix space is dropped (strip and a prefix_space tokenizer: the first token with
-        bytes at the start or after a special token, starting with a space; as xtok.align)."""
-        ln = self.lengths[ids]
-        skip = np.zeros(ids.shape[0], np.int64)
-        if strip and self.prefix_space and ids.shape[0]:
-            has = np.flatnonzero(ln > 0)
-            if has.size:
-                nsp = np.cumsum(np.asarray(self.tb.is_special, bool)[ids])
-                prev = np.empty(has.size, np.int64)
-                prev[0] = -1
-                prev[1:] = nsp[has[:-1]]
-                after = (nsp[has] - prev) > 0  # a special token since the previous token with bytes
-                after[0] = True
-                el = has[after & self.space_first[ids[has]]]
-                skip[el] = 1
-                ln = ln - skip
-        cum = np.zeros(ids.shape[0] + 1, np.int64)
-        np.cumsum(ln, out=cum[1:])
-        return cum, skip
-
-
-_TOKINFO: dict[int, _TokInfo] = {}
-
-
-def _tokinfo(tok: Tokenizer) -> _TokInfo:
+def _byte_cum(tok: Tokenizer, ids: np.ndarray, strip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(cum int64 [n+1], skip int64 [n]): byte offsets of the token stream `ids` (special tokens have
+    no bytes, as the aligner counts them), and 1 for a token whose leading dummy-prefix space is dropped
+    (strip and a prefix_space tokenizer: the first token with bytes at the start or after a special
+    token, starting with a space; as xtok.align)."""
     tb = tok.token_bytes
-    info = _TOKINFO.get(id(tb))
-    if info is None or info.tb is not tb:
-        if len(_TOKINFO) > 32:
-            _TOKINFO.clear()
-        info = _TOKINFO[id(tb)] = _TokInfo(tok)
-    return info
+    ln = tb.lengths[ids]
+    skip = np.zeros(ids.shape[0], np.int64)
+    if strip and tok.prefix_space and ids.shape[0]:
+        has = np.flatnonzero(ln > 0)
+        if has.size:
+            nsp = np.cumsum(tb.is_special[ids])
+            prev = np.empty(has.size, np.int64)
+            prev[0] = -1
+            prev[1:] = nsp[has[:-1]]
+            after = (nsp[has] - prev) > 0  # a special token since the previous token with bytes
+            after[0] = True
+            el = has[after & tb.word_start[ids[has]]]
+            skip[el] = 1
+            ln = ln - skip
+    cum = np.zeros(ids.shape[0] + 1, np.int64)
+    np.cumsum(ln, out=cum[1:])
+    return cum, skip
 
 
 def _last_common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
@@ -768,22 +742,21 @@ def _align_chunks(teacher: Tokenizer, student: Tokenizer, t_ids: np.ndarray, s_i
     refer to the uncut ids."""
     from .align import align_arrays
 
-    ti, si = _tokinfo(teacher), _tokinfo(student)
-    tb, sb = ti.tb, si.tb
-    tcum, _ = ti.cum(t_ids, False)
-    scum, _ = si.cum(s_ids, False)
+    tb, sb = teacher.token_bytes, student.token_bytes
+    tcum, _ = _byte_cum(teacher, t_ids, False)
+    scum, _ = _byte_cum(student, s_ids, False)
 
     def run(t, s):
         ch, _tg, _sg, info = align_arrays(tb.data, tb.offsets, tb.is_special, sb.data, sb.offsets, sb.is_special,
-                                          t, s, ti.prefix_space, si.prefix_space)
+                                          t, s, teacher.prefix_space, student.prefix_space)
         return np.asarray(ch, dtype=np.int64).reshape(-1, 4), str(info[0])
 
     prefix = _kernel("_common_prefix")
-    modes = [False] + ([True] if ti.prefix_space or si.prefix_space else [])
+    modes = [False] + ([True] if teacher.prefix_space or student.prefix_space else [])
     for strip in modes:
         if strip:
-            tc, tsk = ti.cum(t_ids, True)
-            sc, ssk = si.cum(s_ids, True)
+            tc, tsk = _byte_cum(teacher, t_ids, True)
+            sc, ssk = _byte_cum(student, s_ids, True)
         else:
             tc, sc = tcum, scum
             tsk, ssk = np.zeros(t_ids.shape[0], np.int64), np.zeros(s_ids.shape[0], np.int64)

@@ -81,7 +81,19 @@ def example_key(row: Mapping, key_column: str | None = None) -> str:
         content = row["text"]
     else:
         content = {c: row.get(c) for c in ("user", "assistant") if c in row}
-    blob = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, sort_keys=True)
+    return content_key(content_json(content))
+
+
+def content_json(content: Any, default=None) -> str:
+    """The text a row's content is hashed as (example_key; `xtok extract`'s dataset fingerprint): a
+    string as itself, else JSON with sorted keys and ensure_ascii=False. `default` as in json.dumps
+    (None: a value JSON cannot hold raises TypeError)."""
+    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, sort_keys=True,
+                                                               default=default)
+
+
+def content_key(blob: str) -> str:
+    """The key of a row keyed by its content: sha256 (hex) of the UTF-8 of its `content_json`."""
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -90,13 +102,22 @@ def example_key(row: Mapping, key_column: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+def _id_mode(vocab_size: int) -> int:
+    """How `pack_ids` packs the ids of a vocabulary: 0 = uint16 (V <= 65536); 1 = 16 low bits (uint16)
+    for all ids, then their 2 high bits, four per byte, lowest first (V <= 262144); 2 = uint32. Ids are
+    little endian."""
+    return 0 if vocab_size <= 1 << 16 else 1 if vocab_size <= 1 << 18 else 2
+
+
 def pack_ids(ids: np.ndarray, vocab_size: int) -> bytes:
     """Pack non-negative ids < vocab_size (any shape, flattened): uint16 for V <= 65536; 16 low bits +
-    2 high bits (4 per byte) for V <= 262144; uint32 above. Padding ids (-1) must be mapped first."""
+    2 high bits (4 per byte) for V <= 262144; uint32 above (`_id_mode`). Padding ids (-1) must be mapped
+    first."""
     a = np.ascontiguousarray(ids, dtype=np.int64).ravel()
-    if vocab_size <= 1 << 16:
+    mode = _id_mode(vocab_size)
+    if mode == 0:
         return a.astype("<u2").tobytes()
-    if vocab_size <= 1 << 18:
+    if mode == 1:
         lo = (a & 0xFFFF).astype("<u2")
         hi = (a >> 16).astype(np.uint8)
         pad = (-hi.size) % 4
@@ -111,9 +132,10 @@ def pack_ids(ids: np.ndarray, vocab_size: int) -> bytes:
 def unpack_ids(buf, n: int, vocab_size: int) -> np.ndarray:
     """Inverse of pack_ids: int32 [n]."""
     b = np.frombuffer(buf, dtype=np.uint8)
-    if vocab_size <= 1 << 16:
+    mode = _id_mode(vocab_size)
+    if mode == 0:
         return b[: 2 * n].view("<u2").astype(np.int32)
-    if vocab_size <= 1 << 18:
+    if mode == 1:
         lo = b[: 2 * n].view("<u2").astype(np.int32)
         packed = b[2 * n:]
         hi = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).ravel()[:n].astype(np.int32)
@@ -130,12 +152,17 @@ def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
     return c.astype(np.uint8)
 
 
+def _code_nats(codes) -> np.ndarray:
+    """d(c) float64: how many nats below the top-1 log-prob code c stands for (the inverse of
+    quantize_logprobs' grid; 255: beyond the grid, taken as D_MAX + 4)."""
+    c = np.asarray(codes)
+    return np.where(c >= 255, D_MAX + 4.0, (c.astype(np.float64) * QSTEP) ** 2)
+
+
 def dequantize_logprobs(codes: np.ndarray, tail_mass: np.ndarray, n_kept: np.ndarray | None = None) -> np.ndarray:
     """codes uint8 [P, k] + exact tail mass [P] -> float32 log-probs [P, k] whose probabilities sum to
     exactly 1 - tail_mass (entries j >= n_kept are -inf)."""
-    c = codes.astype(np.float64)
-    d = np.where(codes >= 255, D_MAX + 4.0, (c * QSTEP) ** 2)  # 255: beyond the grid, taken as D_MAX + 4
-    rel = -d
+    rel = -_code_nats(codes)
     if n_kept is not None:
         j = np.arange(codes.shape[1])[None, :]
         rel = np.where(j < n_kept[:, None], rel, -np.inf)
@@ -231,14 +258,25 @@ class TeacherExample:
         return out
 
 
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_BYTES.setflags(write=False)  # read-only like the views of the shard buffers
+
+
+def _raw_bytes(cols: dict, name: str, i: int) -> np.ndarray:
+    """The stored bytes of binary column `name` for row i of a row group's columns (pyarrow arrays, as
+    `TeacherStore.raw_row` gives them): a read-only uint8 view into the column's buffer (no copy)."""
+    arr = cols[name]
+    bufs = arr.buffers()
+    off = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    data = bufs[2]
+    if data is None or off[i + 1] == off[i]:
+        return _NO_BYTES
+    return np.frombuffer(data, dtype=np.uint8, count=int(off[i + 1] - off[i]), offset=int(off[i]))
+
+
 def _decode_row(cols: dict, i: int, k: int, m: int, vocab_size: int) -> TeacherExample:
     def raw(name):
-        arr = cols[name]
-        off = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
-        data = arr.buffers()[2]
-        if data is None:
-            return b""
-        return memoryview(data)[off[i]: off[i + 1]]
+        return _raw_bytes(cols, name, i)
 
     T = int(cols["n_tokens"][i].as_py())
     P = int(cols["n_positions"][i].as_py())
@@ -295,8 +333,9 @@ class _IO:
     def p(self, *rel):
         return _join(self.root, *rel)
 
-    def exists(self, rel):
-        return os.path.exists(self.p(rel)) if self.fs is None else self.fs.exists(self.p(rel))
+    def exists(self, rel=""):
+        p = self.p(rel) if rel else self.root
+        return os.path.exists(p) if self.fs is None else self.fs.exists(p)
 
     def makedirs(self, rel=""):
         if self.fs is None:
@@ -338,6 +377,18 @@ class _IO:
         else:
             self.fs.rm(self.p(rel))
 
+    def remove_root(self):
+        """Remove the whole folder and everything in it (best effort: errors are ignored)."""
+        import shutil
+
+        try:
+            if self.fs is None:
+                shutil.rmtree(self.root, ignore_errors=True)
+            elif self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+        except Exception:  # noqa: BLE001 - the error that led here is what matters
+            pass
+
     def open_parquet(self, rel):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -367,7 +418,11 @@ class StoreWriter:
     `finish()` (complete, shard list with counts); `merge_manifests` reads the example keys from the
     shards' `key` columns. Resuming: `committed()` names the shards present whose header equals this
     writer's; a shard of other settings is refused (or wiped with overwrite=True) like a part or
-    manifest of other settings."""
+    manifest of other settings.
+
+    A failed run leaves no half-made store: when the constructor fails after making the folder, or
+    the caller calls `abort()`, the folder goes if this writer created it, world == 1 and no shard
+    is committed."""
 
     def __init__(self, path, header: dict, rank: int = 0, world: int = 1, overwrite: bool = False):
         self.io = _IO(path)
@@ -378,6 +433,18 @@ class StoreWriter:
             raise StoreError(f"{self.io.url}: the store header is not JSON-serialisable ({e}).") from None
         self.tag = f"r{self.rank:03d}of{self.world:03d}"
         self.part_rel = f"parts/{self.tag}.json"
+        self._shards: dict[int, dict] = {}
+        try:
+            self._created = not self.io.exists()
+        except Exception:  # noqa: BLE001 - then makedirs reports the problem
+            self._created = False
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, overwrite: bool):
         self.io.makedirs()
         self.io.makedirs("shards")
         self.io.makedirs("parts")
@@ -386,13 +453,19 @@ class StoreWriter:
             for name in self.io.listdir(d):
                 if ".tmp-" in name and name.startswith(self.tag):
                     self.io.remove(f"{d}/{name}")
-        self._shards: dict[int, dict] = {}
         for name in self.io.listdir("shards"):
             j = self._own_index(name)
             if j is not None:
                 meta = self._shard_meta[name] if name in self._shard_meta else _shard_meta(self.io, f"shards/{name}")[1]
                 self._shards[j] = {"file": f"shards/{name}", "n": int(meta["n"]), "skipped": meta.get("skipped") or {}}
         self._write_part(complete=False)
+
+    def abort(self):
+        """After a failed run: remove the store folder when this writer created it, it is the only
+        rank (world == 1) and nothing is committed; otherwise leave everything (an earlier store,
+        other ranks' work, committed shards to resume from)."""
+        if self._created and self.world == 1 and not self._shards:
+            self.io.remove_root()
 
     # -- settings check ----------------------------------------------------------------------
     def _own_index(self, name: str) -> int | None:
@@ -658,8 +731,8 @@ class TeacherStore:
                 raise IndexError(f"index {item} out of range for a store of {len(self)} examples")
         else:
             i = self.index_of(str(item))
-        s = int(np.searchsorted(self._shard_start, i, side="right") - 1)
-        return self._row(s, i - int(self._shard_start[s]))
+        cols, r = self._row_group(i)
+        return _decode_row(cols, r, self.top_k, self.sample_tail, self.vocab_size)
 
     def get(self, key, default=None):
         return self[key] if key in self._index else default
@@ -682,8 +755,10 @@ class TeacherStore:
             self._pf[s] = pf
         return pf
 
-    def _row_group(self, s: int, r: int) -> tuple[dict, int]:
-        """(columns of the row group holding row r of shard s, r's index in it), via the LRU cache."""
+    def _row_group(self, i: int) -> tuple[dict, int]:
+        """(columns of the row group holding global example i, i's row in it), via the LRU cache."""
+        s = int(np.searchsorted(self._shard_start, i, side="right") - 1)
+        r = i - int(self._shard_start[s])
         with self._lock:
             pf = self._parquet(s)
             starts = self._rg_start[s]
@@ -712,12 +787,7 @@ class TeacherStore:
             i = self._index.get(str(key))
             if i is None:
                 return None
-        s = int(np.searchsorted(self._shard_start, i, side="right") - 1)
-        return self._row_group(s, i - int(self._shard_start[s]))
-
-    def _row(self, s: int, r: int) -> TeacherExample:
-        cols, i = self._row_group(s, r)
-        return _decode_row(cols, i, self.top_k, self.sample_tail, self.vocab_size)
+        return self._row_group(i)
 
     def __repr__(self):
         return (f"TeacherStore({self.path!r}, examples={len(self)}, model={self.manifest.get('model')!r}, "
