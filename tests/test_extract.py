@@ -820,6 +820,113 @@ def test_bad_rows_and_templates_clear_errors(tmp_path, model_dir):
                           ["chat.jsonl", "row 1", "'c2'", "no system turns"], out)
 
 
+def test_null_message_content_fails_before_any_shard(tmp_path, model_dir):
+    """xtok.chat refuses a message whose content is None (render would, mid-run); the row is named
+    before the model loads, so no shard of the rows before it is committed and no folder is left."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
+            for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]})
+    ds = _jsonl(tmp_path / "null.jsonl", rows)
+    out = tmp_path / "out"
+    run = CliRunner().invoke
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--shard-size", "1", "--chat-template", CHATML)),
+                          ["null.jsonl", "row 3", "'content'"], out)
+    with pytest.raises(ExtractError, match="row 3"):
+        extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(out),
+                              chat_template=CHATML, shard_size=1, progress=False))
+    assert not out.exists()
+    # an empty messages list is refused by the chat validator too, but --skip-empty still skips it
+    ds = _jsonl(tmp_path / "empty.jsonl", rows[:1] + [{"messages": []}])
+    _assert_clean_failure(run(cli, _cli_args(model_dir, ds, out, "--chat-template", CHATML)),
+                          ["row 1", "'messages' is empty", "--skip-empty"], out)
+    r = run(cli, _cli_args(model_dir, ds, out, "--chat-template", CHATML, "--skip-empty"))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.rindex('{"rank"'):])["empty"] == 1
+
+
+def _old_content_key(content) -> str:  # example_key's content hash as first written
+    blob = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _old_fingerprint(pairs) -> str:  # the dataset fingerprint as first written: (key, content) per kept example
+    h = hashlib.sha256()
+    for key, content in pairs:
+        body = content if isinstance(content, str) else json.dumps(content, sort_keys=True, ensure_ascii=False,
+                                                                   default=str)
+        h.update(json.dumps(key, ensure_ascii=False).encode())
+        h.update(b"\x00")
+        h.update(body.encode("utf-8", "surrogatepass"))
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["text", "messages", "user-assistant"])
+def test_keys_and_fingerprint_equal_the_original_formulas(tmp_path, model_dir, kind):
+    """Content-hash keys and the dataset fingerprint (content serialised once per row) are byte-identical
+    to the formulas they were first written with, for id-keyed, content-keyed and duplicate rows."""
+    from xtok.extract import read_dataset
+
+    if kind == "text":
+        rows = [{"text": t} for t in TEXTS[:4]] + [{"text": TEXTS[0]}, {"id": 7, "text": TEXTS[4]}]
+        content = lambda r: r["text"]  # noqa: E731
+    elif kind == "messages":
+        rows = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Ça va 🦓."}]}
+                for t in TEXTS[:3]]
+        rows += [rows[1], dict(rows[2], id="c9"), dict(_chat_rows()[1], id=None)]
+        content = lambda r: r["messages"]  # noqa: E731
+    else:
+        rows = [{"user": t, "assistant": "Oui, élève."} for t in TEXTS[:3]] + [{"user": TEXTS[0],
+                                                                                 "assistant": "Oui, élève."}]
+        content = lambda r: {"user": r["user"], "assistant": r["assistant"]}  # noqa: E731
+    ds = _jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "s"
+    tpl = CHATML if kind != "text" else None
+    res = extract(ExtractConfig(model=str(model_dir), tokenizer=MISTRAL_SPM, dataset=str(ds), output=str(out),
+                                top_k=4, chat_template=tpl, progress=False))
+    kept, seen = [], set()
+    for row in read_dataset(str(ds)):  # the rows as extract reads them (nulls where a column is missing)
+        key = str(row["id"]) if row.get("id") is not None else _old_content_key(content(row))
+        assert key == example_key(row)
+        if key not in seen:
+            seen.add(key)
+            kept.append((key, content(row)))
+    assert res["stats"]["duplicates"] == len(rows) - len(kept) >= 1
+    st = TeacherStore(out)
+    assert st.manifest["dataset_fingerprint"] == _old_fingerprint(kept)
+    assert st.keys() == [k for k, _ in kept]
+
+
+def test_writer_abort_leaves_only_what_it_should(tmp_path, monkeypatch):
+    """StoreWriter.abort() (and a failing constructor) removes the store folder only when the writer
+    made it, is the only rank and has committed nothing."""
+    from xtok.store import StoreWriter
+
+    h = {"model": "m"}
+    StoreWriter(tmp_path / "new", h).abort()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    StoreWriter(tmp_path / "old", h).abort()
+    assert (tmp_path / "old").is_dir()
+    StoreWriter(tmp_path / "ranks", h, rank=0, world=2).abort()
+    assert (tmp_path / "ranks").is_dir()
+    w = StoreWriter(tmp_path / "done", h)
+    w.write_shard(0, [])
+    w.abort()
+    assert (tmp_path / "done" / w.shard_rel(0)).exists()
+
+    def fail(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StoreWriter, "_write_part", fail)
+    with pytest.raises(OSError):
+        StoreWriter(tmp_path / "new2", h)
+    assert not (tmp_path / "new2").exists()
+    with pytest.raises(OSError):
+        StoreWriter(tmp_path / "old", h)
+    assert (tmp_path / "old").is_dir()
+
+
 # ------------------------------------------------------------------------------------------
 # Length-sorted batching
 # ------------------------------------------------------------------------------------------

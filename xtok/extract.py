@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .store import StoreError, StoreWriter, encode_example, example_key, quantize_logprobs, QSTEP, D_MAX, FORMAT_VERSION
+from .store import (StoreError, StoreWriter, content_json, content_key, encode_example, example_key, quantize_logprobs,
+                    QSTEP, D_MAX, FORMAT_VERSION)
 
 __all__ = ["ExtractConfig", "ExtractError", "OutputLayer", "extract", "teacher_targets", "load_teacher", "read_dataset",
            "check_output_layer", "model_hash"]
@@ -613,6 +613,14 @@ class _Renderer:
                                    f"text (column {tc!r}), and a chat template applies only to chat datasets (a "
                                    "messages column, or user+assistant columns). Drop --chat-template, or pass "
                                    "--messages-column.")
+        self.template_source = None  # the jinja source the rows render with (hashed into the manifest)
+        if self.chat:
+            from .chat import chat_template_source
+
+            try:
+                self.template_source = chat_template_source(tok, self.template)
+            except Exception as e:  # noqa: BLE001 - a --chat-template file with no jinja in it
+                raise ExtractError(f"--chat-template {cfg.chat_template}: {e}") from e
 
     def messages(self, row) -> Any:
         if isinstance(self.mc, tuple):
@@ -620,20 +628,15 @@ class _Renderer:
         return [{k: v for k, v in m.items() if v is not None} for m in row[self.mc]]
 
     def key_row(self, row) -> dict:
-        """The fields example_key looks at."""
+        """The id fields example_key looks at ({--key-column: value}, else the non-null id/key
+        columns); {} when the row is keyed by its content (`content`)."""
         if self.cfg.key_column:
             return {self.cfg.key_column: row[self.cfg.key_column]}
-        d = {c: row[c] for c in ("id", "key") if c in row and row[c] is not None}
-        if d:
-            return d
-        if self.chat:
-            if isinstance(self.mc, tuple):
-                return {c: row[c] for c in self.mc}
-            return {"messages": row[self.mc]}
-        return {"text": row[self.tc]}
+        return {c: row[c] for c in ("id", "key") if c in row and row[c] is not None}
 
     def content(self, row):
-        """The part of a row that the teacher reads (for the dataset fingerprint)."""
+        """The part of a row that the teacher reads: what a content-hash key and the dataset
+        fingerprint hash (the value example_key picks from the messages/text/user+assistant fields)."""
         if isinstance(self.mc, tuple):
             return {c: row[c] for c in self.mc}
         return row[self.mc] if self.chat else row[self.tc]
@@ -663,6 +666,19 @@ class _Renderer:
                 return f"column {self.mc!r}, message {j}: 'role' holds {what(m['role'])}, expected a string"
             if m["content"] is not None and not isinstance(m["content"], str):
                 return f"column {self.mc!r}, message {j}: 'content' holds {what(m['content'])}, expected a string"
+        return None
+
+    def bad_messages(self, row) -> str | None:
+        """None, or why xtok.chat would refuse the messages `render` passes it (its own validation,
+        e.g. a message whose content is None); for a row that passed bad_type and is not empty."""
+        if not self.chat:
+            return None
+        from .chat import ChatFormatError, _validate
+
+        try:
+            _validate(self.messages(row))
+        except ChatFormatError as e:
+            return f"column {self.mc!r}: {str(e).rstrip('.')}"
         return None
 
     def is_empty(self, row) -> str | None:
@@ -737,21 +753,30 @@ def _uniforms(key: str, seed: int, n: int, m: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_options(cfg: ExtractConfig) -> None:
-    def need(ok, msg):
-        if not ok:
-            raise ExtractError(msg)
+# The numeric options' bounds: name -> (int or float, lowest, highest or None, lowest excluded, message).
+# `_check_options` checks them (a float must also be finite; None passes where the setting defaults to
+# None) and the CLI builds its click IntRange / FloatRange types from them.
+OPTION_BOUNDS: dict[str, tuple] = {
+    "top_k": (int, 1, 65535, False, "expected 1..65535"),
+    "top_p": (float, 0, 1, True, "expected 0 < p <= 1"),
+    "temperature": (float, 0, None, True, "must be > 0"),
+    "sample_tail": (int, 0, None, False, "must be >= 0"),
+    "shard_size": (int, 1, None, False, "must be >= 1"),
+    "token_budget": (int, 1, None, False, "must be >= 1"),
+    "chunk_mb": (int, 1, None, False, "must be >= 1"),
+    "max_length": (int, 2, None, False, "must be >= 2 (a target needs two tokens)"),
+    "limit": (int, 1, None, False, "must be >= 1"),
+    "max_vocab_padding": (int, 0, None, False, "must be >= 0"),
+}
 
-    need(1 <= cfg.top_k <= 65535, f"--top-k {cfg.top_k}: expected 1..65535.")
-    need(cfg.top_p is None or 0.0 < cfg.top_p <= 1.0, f"--top-p {cfg.top_p}: expected 0 < p <= 1.")
-    need(math.isfinite(cfg.temperature) and cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0.")
-    need(cfg.sample_tail >= 0, f"--sample-tail {cfg.sample_tail}: must be >= 0.")
-    need(cfg.shard_size >= 1, f"--shard-size {cfg.shard_size}: must be >= 1.")
-    need(cfg.token_budget >= 1, f"--token-budget {cfg.token_budget}: must be >= 1.")
-    need(cfg.chunk_mb >= 1, f"--chunk-mb {cfg.chunk_mb}: must be >= 1.")
-    need(cfg.max_length >= 2, f"--max-length {cfg.max_length}: must be >= 2 (a target needs two tokens).")
-    need(cfg.limit is None or cfg.limit >= 1, f"--limit {cfg.limit}: must be >= 1.")
-    need(cfg.max_vocab_padding >= 0, f"--max-vocab-padding {cfg.max_vocab_padding}: must be >= 0.")
+
+def _check_options(cfg: ExtractConfig) -> None:
+    for name, (kind, lo, hi, lo_open, msg) in OPTION_BOUNDS.items():
+        v = getattr(cfg, name)
+        if v is None and getattr(ExtractConfig, name) is None:
+            continue
+        if not ((lo < v if lo_open else lo <= v) and (hi is None or v <= hi) and (kind is int or math.isfinite(v))):
+            raise ExtractError(f"--{name.replace('_', '-')} {v}: {msg}.")
 
 
 def _check_output(output: str) -> None:
@@ -782,45 +807,12 @@ def _check_output(output: str) -> None:
         raise ExtractError(f"--output {out}: {anc} is not writable (permissions). Pass another folder.")
 
 
-def _url_fs(output: str):
-    """(fsspec filesystem or None for a local path, path/root)."""
-    if "://" not in str(output):
-        return None, os.path.abspath(os.path.expanduser(str(output)))
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(output))
-
-
-def _output_exists(output: str) -> bool:
-    try:
-        fs, root = _url_fs(output)
-        return os.path.exists(root) if fs is None else bool(fs.exists(root))
-    except Exception:  # noqa: BLE001 - then the writer reports the problem
-        return True
-
-
-def _remove_output(output: str) -> None:
-    """Remove a store folder this run created and committed nothing to."""
-    try:
-        fs, root = _url_fs(output)
-        if fs is None:
-            shutil.rmtree(root, ignore_errors=True)
-        elif fs.exists(root):
-            fs.rm(root, recursive=True)
-    except Exception:  # noqa: BLE001 - best effort; the original error is what matters
-        pass
-
-
 def _model_tokenizer(model: str):
-    """The tokenizer in a local model folder, or None (no tokenizer files there / not loadable)."""
+    """The tokenizer in a local model folder, or None (not a folder, no tokenizer files there, not loadable)."""
     from .tokens import TokenizerLoadError, load_tokenizer
 
     p = Path(model).expanduser()
     if not p.is_dir():
-        return None
-    has = any((p / f).exists() for f in ("tokenizer.json", "tokenizer.json.xz")) or any(p.glob("*.model*")) \
-        or any(p.glob("tekken*.json"))
-    if not has:
         return None
     try:
         return load_tokenizer(str(p))
@@ -828,19 +820,26 @@ def _model_tokenizer(model: str):
         return None
 
 
-def _fingerprint_update(h, key: str, content) -> None:
-    if isinstance(content, str):
-        body = content
-    else:
-        body = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+def _fingerprint_update(h, key: str, blob: str) -> None:
+    """Add one example (its key and the content_json of its content) to the dataset fingerprint."""
     h.update(json.dumps(key, ensure_ascii=False).encode())
     h.update(b"\x00")
-    h.update(body.encode("utf-8", "surrogatepass"))
+    h.update(blob.encode("utf-8", "surrogatepass"))
     h.update(b"\x01")
 
 
-def extract(cfg: ExtractConfig) -> dict:
-    """Run the extraction for this rank; returns {"manifest": merged manifest or None, "stats": ...}."""
+def max_length_note(requested: int, max_length: int, model_max_field: str | None) -> str | None:
+    """The note that --max-length was capped at the model's position limit (None when it was not)."""
+    if max_length >= requested:
+        return None
+    return (f"--max-length {requested} capped at the model's {max_length} positions ({model_max_field}); longer "
+            "examples are skipped and counted (skipped_too_long)")
+
+
+def extract(cfg: ExtractConfig, *, print_notes: bool = True) -> dict:
+    """Run the extraction for this rank; returns {"manifest": merged manifest or None, "stats": ...}.
+    With cfg.progress and print_notes, notes such as stats["max_length_note"] are also printed to stderr
+    (the CLI passes print_notes=False: its JSON summary carries them)."""
     import torch
 
     from .tokens import TokenizerLoadError, load_tokenizer
@@ -879,28 +878,35 @@ def extract(cfg: ExtractConfig) -> dict:
     fph = hashlib.sha256()
     for i, row in enumerate(kds):
         bad = rend.bad_type(row)
+        if bad is None:
+            empty = rend.is_empty(row)
+            if empty is not None:
+                if cfg.skip_empty:
+                    n_empty += 1
+                    continue
+                raise ExtractError(f"--dataset {cfg.dataset}: row {i}: field {empty!r} is empty. Remove empty rows "
+                                   "or pass --skip-empty to skip (and count) them.")
+            bad = rend.bad_messages(row)  # after is_empty: --skip-empty wins
         if bad is not None:
             raise ExtractError(f"--dataset {cfg.dataset}: row {i}: {bad}. Fix the row, or point --text-column / "
                                "--messages-column at the right column.")
-        empty = rend.is_empty(row)
-        if empty is not None:
-            if cfg.skip_empty:
-                n_empty += 1
-                continue
-            raise ExtractError(f"--dataset {cfg.dataset}: row {i}: field {empty!r} is empty. Remove empty rows or "
-                               "pass --skip-empty to skip (and count) them.")
-        try:
-            k = example_key(rend.key_row(row), cfg.key_column)
-        except KeyError:
-            raise ExtractError(f"--dataset {cfg.dataset}: row {i}: --key-column {cfg.key_column!r} is missing or "
-                               "null.") from None
+        ids, blob = rend.key_row(row), None
+        if ids or cfg.key_column is not None:
+            try:
+                k = example_key(ids, cfg.key_column)
+            except KeyError:
+                raise ExtractError(f"--dataset {cfg.dataset}: row {i}: --key-column {cfg.key_column!r} is missing "
+                                   "or null.") from None
+        else:  # keyed by its content: serialised once, for the key and the fingerprint
+            blob = content_json(rend.content(row))
+            k = content_key(blob)
         if k in seen:
             n_dup += 1
             continue
         seen.add(k)
         keys.append(k)
         rows_kept.append(i)
-        _fingerprint_update(fph, k, rend.content(row))
+        _fingerprint_update(fph, k, content_json(rend.content(row), default=str) if blob is None else blob)
     if not keys:
         raise ExtractError(f"--dataset {cfg.dataset}: no examples to extract (empty dataset or all rows empty).")
     fp = fph.hexdigest()
@@ -923,22 +929,14 @@ def extract(cfg: ExtractConfig) -> dict:
                            "--tokenizer (or raise --max-vocab-padding if the padding is real).")
     model_max, model_max_field = model_max_length(mdl)
     max_len = min(cfg.max_length, model_max) if model_max else cfg.max_length
-    capped = max_len < cfg.max_length
-    if capped and cfg.progress:
-        print(f"xtok extract: --max-length {cfg.max_length} capped at the model's {model_max} positions "
-              f"({model_max_field}); longer examples are skipped and counted.", file=sys.stderr)
+    cap_note = max_length_note(cfg.max_length, max_len, model_max_field)
+    if cap_note and cfg.progress and print_notes:
+        print(f"xtok extract: {cap_note}.", file=sys.stderr)
     probe_err = check_output_layer(mdl, body, head, _probe_ids(tok, min(16, max_len), Vt), Vt, cfg.model)
     ws_mask = torch.as_tensor(tok.token_bytes.word_start.copy(), device=device)
-    if rend.template is not None:
-        tmpl_src, tmpl_from = rend.template, "--chat-template"
-    elif rend.chat and tok.chat_template:
-        tmpl_src, tmpl_from = tok.chat_template, "tokenizer"
-    elif rend.chat:
-        from .chat import default_template
-
-        tmpl_src, tmpl_from = default_template(tok), "built-in default"
-    else:
-        tmpl_src, tmpl_from = None, None
+    tmpl_src = rend.template_source
+    tmpl_from = None if not rend.chat else "--chat-template" if rend.template is not None else \
+        "tokenizer" if tok.chat_template else "built-in default"
     header = {
         "model": cfg.model, "model_hash": model_hash(mdl), "model_vocab_size": Vm,
         "output_layer": head.describe(),
@@ -954,29 +952,24 @@ def extract(cfg: ExtractConfig) -> dict:
         "quantization": {"logprobs": "uint8 sqrt-grid relative to top-1, delta-coded", "step": QSTEP, "d_max": D_MAX},
         "key_rule": "id/key column, else sha256 of content (xtok.store.example_key)",
     }
-    fresh = not _output_exists(cfg.output)
     try:
         writer = StoreWriter(cfg.output, header, rank=rank, world=world, overwrite=cfg.overwrite)
     except StoreError:
         raise
     except (OSError, ValueError, ImportError) as e:
-        if fresh and world == 1:
-            _remove_output(cfg.output)
         raise ExtractError(f"--output {cfg.output}: cannot make the store there ({type(e).__name__}: {e}). Pass "
                            "a writable local folder or a supported fsspec URL.") from e
-    ok = False
     try:
         stats = _extract_shards(cfg, ds, rend, keys, rows_kept, mine, writer, body, head, Vt, ws_mask, device, max_len,
                                 rank, world)
-        ok = True
-    finally:
-        if not ok and fresh and world == 1 and not writer.committed():
-            _remove_output(cfg.output)  # nothing was committed: leave no half-made store behind
+    except BaseException:
+        writer.abort()  # no half-made store left behind (a new folder, nothing committed)
+        raise
     stats["duplicates"] = n_dup
     stats["empty"] = n_empty
     stats["max_length"] = max_len
     stats["model_max_length"] = model_max
-    stats["max_length_capped"] = capped
+    stats["max_length_note"] = cap_note
     stats["output_layer_probe_error"] = probe_err
     man = writer.finish({k: stats[k] for k in ("duplicates", "empty")} if rank == 0 else None)
     return {"manifest": man, "stats": stats, "rank": rank, "world": world}

@@ -5,6 +5,14 @@ import json
 
 import click
 
+from xtok.extract import OPTION_BOUNDS
+
+
+def _range(name: str):
+    """The click type for a numeric option, from the bounds `xtok.extract` checks (one table for both)."""
+    kind, lo, hi, lo_open, _ = OPTION_BOUNDS[name]
+    return (click.IntRange if kind is int else click.FloatRange)(lo, hi, min_open=lo_open)
+
 
 def _shard(ctx, param, value):
     if value is None:
@@ -43,28 +51,28 @@ def _shard(ctx, param, value):
               "(assistant for chats, all for text).")
 @click.option("--add-bos/--no-add-bos", default=None, help="Text datasets: prepend the BOS token (default: when the "
               "tokenizer has one).")
-@click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=2), help="Examples longer "
+@click.option("--max-length", default=4096, show_default=True, type=_range("max_length"), help="Examples longer "
               "than this many tokens are skipped and counted; capped at the model's own limit "
               "(max_position_embeddings / n_positions).")
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N dataset rows.")
-@click.option("--top-k", "-k", default=32, show_default=True, type=click.IntRange(1, 65535),
+@click.option("--limit", default=None, type=_range("limit"), help="Use only the first N dataset rows.")
+@click.option("--top-k", "-k", default=32, show_default=True, type=_range("top_k"),
               help="Teacher log-probs stored per position.")
-@click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus cap: keep the "
-              "smallest prefix of the top-k with mass >= p (k is the maximum).")
-@click.option("--sample-tail", default=0, show_default=True, type=click.IntRange(min=0), help="Also store m tail "
+@click.option("--top-p", default=None, type=_range("top_p"), help="Nucleus cap: keep the smallest prefix of the "
+              "top-k with mass >= p (k is the maximum).")
+@click.option("--sample-tail", default=0, show_default=True, type=_range("sample_tail"), help="Also store m tail "
               "token ids drawn with replacement from the teacher's distribution beyond the top-k (each stands for "
               "tail_mass/m).")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--temperature", default=1.0, show_default=True, type=_range("temperature"),
               help="Divide the teacher's logits by this first (after the model's own logit scaling/softcap).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Model weights dtype (auto: the checkpoint's on CUDA, float32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, cuda:LOCAL_RANK under "
               "torchrun), cpu, cuda, cuda:1...")
-@click.option("--token-budget", default=16384, show_default=True, type=click.IntRange(min=1), help="Padded tokens "
+@click.option("--token-budget", default=16384, show_default=True, type=_range("token_budget"), help="Padded tokens "
               "per batch (length-sorted batching).")
-@click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Examples per shard "
+@click.option("--shard-size", default=1024, show_default=True, type=_range("shard_size"), help="Examples per shard "
               "file (unit of resume).")
-@click.option("--chunk-mb", default=256, show_default=True, type=click.IntRange(min=1), help="Device memory for one "
+@click.option("--chunk-mb", default=256, show_default=True, type=_range("chunk_mb"), help="Device memory for one "
               "chunk of output-layer logits.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the sampled tail (per example, reproducible).")
 @click.option("--shard", "shard", default=None, callback=_shard, help="i/N: process only this rank's part "
@@ -72,7 +80,7 @@ def _shard(ctx, param, value):
               "to finish merges the manifest.")
 @click.option("--skip-empty", is_flag=True, help="Skip (and count) rows with empty text instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with different settings at --output.")
-@click.option("--max-vocab-padding", default=4096, show_default=True, type=click.IntRange(min=0), help="Largest "
+@click.option("--max-vocab-padding", default=4096, show_default=True, type=_range("max_vocab_padding"), help="Largest "
               "accepted excess of model output rows over the tokenizer's vocabulary (padded embeddings; those ids "
               "are excluded).")
 @click.option("--force-tokenizer", is_flag=True, help="Accept a --tokenizer that differs from the tokenizer in the "
@@ -92,7 +100,7 @@ def extract_cmd(**kw):
     quiet = kw.pop("quiet")
     cfg = ExtractConfig(**kw, progress=not quiet)
     try:
-        res = extract(cfg)
+        res = extract(cfg, print_notes=False)
     except (ExtractError, StoreError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # e.g. the disk filled up while writing a shard
@@ -103,9 +111,8 @@ def extract_cmd(**kw):
            "tokens": st["tokens"], "skipped_too_long": st["too_long"], "skipped_no_targets": st["no_targets"],
            "duplicates": st["duplicates"], "empty": st["empty"], "seconds": round(st["seconds"], 2),
            "max_length": st["max_length"]}
-    if st["max_length_capped"]:
-        msg["max_length_note"] = (f"--max-length {cfg.max_length} capped at the model's {st['model_max_length']} "
-                                  "positions; longer examples are skipped (skipped_too_long)")
+    if st["max_length_note"]:
+        msg["max_length_note"] = st["max_length_note"]
     if man is not None:
         msg["store_examples"] = man["n_examples"]
         msg["complete"] = True
