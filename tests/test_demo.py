@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_and_reuses_its_artefacts(tmp_path):
     ttok, stok = load_tokenizer(TEACHER_TOK), load_tokenizer(STUDENT_TOK)
     W = ProjectionMatrix.load(work / "W-tekken-to-spm.safetensors", teacher=ttok, student=stok)
     assert W.shape == (ttok.vocab_size, stok.vocab_size)
-    st = TeacherStore(work / "store-s2-k8")
+    st = TeacherStore(work / "store-n40-seed0-s2-k8")
     train = [json.loads(x) for x in (work / "train.jsonl").read_text().splitlines()]
     assert len(train) == 36 and sorted(st.keys()) == sorted(r["id"] for r in train)
     assert st.manifest["tokenizer_hash"] == ttok.content_hash and st.top_k == 8
@@ -48,3 +48,18 @@ def test_demo_runs_end_to_end_and_reuses_its_artefacts(tmp_path):
     r2 = CliRunner().invoke(cli, args)
     assert r2.exit_code == 0, r2.output + repr(r2.exception)
     assert r2.output.count("reusing") == 2 and "0 new examples" in r2.output
+    # another corpus size makes a new teacher and store instead of reusing ones made from other data
+    r3 = CliRunner().invoke(cli, [*args[:4], "30", *args[5:]])
+    assert r3.exit_code == 0, r3.output + repr(r3.exception)
+    assert r3.output.count("reusing") == 1  # only W, which depends on the tokenizers alone
+    assert len(TeacherStore(work / "store-n30-seed0-s2-k8")) == 27
+
+
+def test_demo_extract_error_is_a_clear_message(tmp_path):
+    work = tmp_path / "demo"
+    work.mkdir()
+    (work / "store-n40-seed0-s1-k8").write_text("not a store")  # where the demo's store goes
+    r = CliRunner().invoke(cli, ["demo", "--workdir", str(work), "--examples", "40", "--teacher-steps", "1",
+                                 "--student-steps", "1", "--top-k", "8", "--threads", "1", "-q"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)   # a ClickException, not a traceback
+    assert "store-n40-seed0-s1-k8" in r.output and "--fresh" in r.output

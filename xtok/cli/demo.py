@@ -122,37 +122,30 @@ def _fused(model, batch):
     return h, model.lm_head.weight
 
 
-def heldout_bpb(model, batches, n_bytes: int) -> float:
-    """Sum of -log2 p over every label token of the batches / n_bytes."""
-    import torch
+def teacher_ids(texts: list[str]) -> list:
+    """BOS + Tekken ids of each text: the way `xtok extract` renders text rows for this teacher."""
+    import numpy as np
 
-    from xtok.losses import SFTLoss
+    from xtok.tokens import load_tokenizer
 
-    sft = SFTLoss(reduction="sum")
-    model.eval()
-    nats = 0.0
-    with torch.no_grad():
-        for b in batches:
-            nats += float(sft(_fused(model, b), b["labels"]))
-    model.train()
-    return nats / math.log(2) / n_bytes
+    tok = load_tokenizer(TEACHER_TOK)
+    return [np.concatenate([[tok.bos_id], tok.encode(t)]).astype(np.int64) for t in texts]
 
 
-def teacher_support(texts: list[str]):
-    """Tekken ids that occur in the corpus (train and held-out texts) plus BOS/EOS: the ids the demo
+def teacher_support(seqs: list):
+    """Tekken ids that occur in the corpus (`seqs`: train and held-out) plus BOS/EOS: the ids the demo
     teacher's softmax runs over while it trains."""
     import numpy as np
 
     from xtok.tokens import load_tokenizer
 
     tok = load_tokenizer(TEACHER_TOK)
-    ids = [tok.encode(t) for t in texts] + [np.asarray([tok.bos_id, tok.eos_id])]
-    return np.unique(np.concatenate(ids))
+    return np.unique(np.concatenate(list(seqs) + [np.asarray([tok.bos_id, tok.eos_id])]))
 
 
-def train_teacher(out: Path, texts: list[str], support, steps: int, batch_size: int, seed: int, quiet: bool):
+def train_teacher(out: Path, seqs: list, support, steps: int, batch_size: int, seed: int, quiet: bool):
     """A tiny Phi model (a real Hugging Face causal LM whose output layer has a bias) over the full Tekken
-    vocabulary, trained on BOS + text (the way `xtok extract` renders text rows).
+    vocabulary, trained on `seqs` (`teacher_ids` of the train texts).
 
     A 131k-way softmax (and 131k-row embedding updates) per step would dominate a CPU demo, so the model
     trains over `support` only (the few thousand Tekken ids this corpus uses, renumbered 0..n-1); the
@@ -171,7 +164,7 @@ def train_teacher(out: Path, texts: list[str], support, steps: int, batch_size: 
     sup = np.asarray(support, dtype=np.int64)
     lut = np.full(tok.vocab_size, -1, dtype=np.int64)
     lut[sup] = np.arange(sup.size)
-    seqs = [lut[np.concatenate([[tok.bos_id], tok.encode(t)])] for t in texts]
+    seqs = [lut[x] for x in seqs]
     assert all((s >= 0).all() for s in seqs), "support must hold every id of the texts"
 
     def config(vocab):
@@ -216,8 +209,9 @@ def train_teacher(out: Path, texts: list[str], support, steps: int, batch_size: 
     tmp.rename(out)  # a finished teacher folder only ever appears whole
 
 
-def teacher_bpb(model, seqs, n_bytes: int, batch_size: int = 4) -> float:
-    """Held-out bits per byte of the teacher from its own forward (full-vocabulary log-softmax)."""
+def heldout_bpb(model, seqs, n_bytes: int, batch_size: int = 4) -> float:
+    """Held-out bits per byte from the model's own forward (full-vocabulary log-softmax): the sum of
+    -log2 p of every token after the first of each id sequence, over n_bytes."""
     import torch
 
     model.eval()
@@ -288,12 +282,11 @@ def demo_cmd(workdir, examples, teacher_steps, student_steps, top_k, seed, threa
     from xtok import CrossTokenizerCollator, MultiTeacherLossAggregator, TeacherSpec
     from xtok.cli.align import align_cmd
     from xtok.cli.projection import build_projection_cmd
-    from xtok.extract import ExtractConfig, extract
+    from xtok.extract import ExtractConfig, ExtractError, extract
     from xtok.losses import TeacherLoss
-    from xtok.store import TeacherStore
-    from xtok.tokens import load_tokenizer
-
     import transformers
+
+    from xtok.store import StoreError, TeacherStore
 
     transformers.utils.logging.disable_progress_bar()  # weight loading / saving bars; ours stay
     t_start = time.perf_counter()
@@ -322,12 +315,14 @@ def demo_cmd(workdir, examples, teacher_steps, student_steps, top_k, seed, threa
          f"held out ({n_bytes:,} bytes) -> {data}")
 
     # -- 1. teacher -------------------------------------------------------------------------------
-    tdir = work / f"teacher-s{teacher_steps}"
+    t_ids = dict(zip((r["id"] for r in rows), teacher_ids([r["text"] for r in rows])))
+    tag = f"n{examples}-seed{seed}-s{teacher_steps}"  # what makes the teacher: corpus, seed, steps
+    tdir = work / f"teacher-{tag}"
     _say("1. teacher", f"tiny Phi (dim 128, 3 layers) over the {TEACHER_TOK} vocabulary, {teacher_steps} steps "
          "(softmax over the corpus' ids while training; see `xtok.cli.demo.train_teacher`)")
     if not (tdir / "config.json").exists():
         t0 = time.perf_counter()
-        train_teacher(tdir, [r["text"] for r in train], teacher_support([r["text"] for r in rows]), teacher_steps,
+        train_teacher(tdir, [t_ids[r["id"]] for r in train], teacher_support(t_ids.values()), teacher_steps,
                       8, seed, quiet)
         click.echo(f"trained in {time.perf_counter() - t0:.0f}s -> {tdir}")
     else:
@@ -344,10 +339,13 @@ def demo_cmd(workdir, examples, teacher_steps, student_steps, top_k, seed, threa
         click.echo(f"reusing {W}")
 
     # -- 3. extract -------------------------------------------------------------------------------
-    store = work / f"store-s{teacher_steps}-k{top_k}"
+    store = work / f"store-{tag}-k{top_k}"
     _say("3. xtok extract", f"--model {tdir} --tokenizer {TEACHER_TOK} --dataset {data} --top-k {top_k} -o {store}")
-    res = extract(ExtractConfig(model=str(tdir), tokenizer=TEACHER_TOK, dataset=str(data), output=str(store),
-                                top_k=top_k, device="auto", progress=not quiet))
+    try:
+        res = extract(ExtractConfig(model=str(tdir), tokenizer=TEACHER_TOK, dataset=str(data), output=str(store),
+                                    top_k=top_k, device="auto", progress=not quiet))
+    except (ExtractError, StoreError) as e:
+        raise click.ClickException(f"{e} (or run `xtok demo --fresh` to redo every step)") from None
     st = TeacherStore(store)
     click.echo(f"{res['stats']['examples']} new examples, {res['stats']['positions']:,} positions "
                f"({res['stats']['seconds']:.1f}s); the store holds {len(st)} examples, "
@@ -374,17 +372,13 @@ def demo_cmd(workdir, examples, teacher_steps, student_steps, top_k, seed, threa
                                                        if k in ("sft", "kl/tekken", "chunk/tekken")))
 
     # -- 6. held-out bits per byte ----------------------------------------------------------------
-    import numpy as np
     from transformers import AutoModelForCausalLM
 
-    ttok = load_tokenizer(TEACHER_TOK)
     teacher = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32)
-    t_seqs = [np.concatenate([[ttok.bos_id], ttok.encode(r["text"])]) for r in held]
-    plain = CrossTokenizerCollator(STUDENT_TOK, [], max_length=1024)
-    s_batches = [plain(held[i:i + 16]) for i in range(0, len(held), 16)]
-    table = [("teacher (Tekken 131k)", teacher_bpb(teacher, t_seqs, n_bytes)),
-             ("student, SFT only (SentencePiece 32k)", heldout_bpb(s_sft, s_batches, n_bytes)),
-             ("student, SFT + xtok KL + chunk (SentencePiece 32k)", heldout_bpb(s_kd, s_batches, n_bytes))]
+    s_seqs = [collator.tokenize(r).input_ids for r in held]  # the student ids training used
+    table = [("teacher (Tekken 131k)", heldout_bpb(teacher, [t_ids[r["id"]] for r in held], n_bytes)),
+             ("student, SFT only (SentencePiece 32k)", heldout_bpb(s_sft, s_seqs, n_bytes)),
+             ("student, SFT + xtok KL + chunk (SentencePiece 32k)", heldout_bpb(s_kd, s_seqs, n_bytes))]
     _say("6. held-out bits per byte (lower is better)")
     for name, v in table:
         click.echo(f"  {name:<52} {v:.4f}")
