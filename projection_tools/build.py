@@ -494,7 +494,7 @@ def format_stats(stats: dict) -> str:
         f"{s['mean_decomposition_len']:.3f}, max {s['max_decomposition_len']}",
         f"specials       {s['special_mapped']} mapped, {s['special_unmapped']} unmapped"
         + (f" (e.g. {', '.join(s['special_unmapped_names'][:8])})" if s['special_unmapped'] else ""),
-        f"tiers          " + ", ".join(f"{k}={v:,}" for k, v in s["tiers"].items()),
+        "tiers          " + ", ".join(f"{k}={v:,}" for k, v in s["tiers"].items()),
         f"nnz {s['nnz']:,}  empty rows {s['empty_rows']:,}  student coverage {s['student_coverage_pct']:.2f}%  "
         f"build time {s['build_time_s']:.2f}s",
     ]

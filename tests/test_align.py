@@ -16,9 +16,7 @@ import inspect
 import json
 import re
 import textwrap
-import unicodedata
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest

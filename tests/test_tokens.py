@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN, asset
+from conftest import MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN, asset
 from xtok.tokens import TokenBytes, TokenizerLoadError, bytes_to_unicode, char_to_byte_offsets, load_tokenizer
 
 TEXT = (

@@ -27,14 +27,14 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .store import (StoreError, StoreWriter, content_json, content_key, encode_example, example_key, quantize_logprobs,
-                    QSTEP, D_MAX, FORMAT_VERSION)
+                    QSTEP, D_MAX)
 
 __all__ = ["ExtractConfig", "ExtractError", "OutputLayer", "extract", "teacher_targets", "load_teacher", "read_dataset",
            "check_output_layer", "model_hash"]

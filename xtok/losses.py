@@ -535,7 +535,7 @@ class CrossTokenizerKLLoss(nn.Module):
     def forward(self, student, teacher_batch: Mapping, reduction: str | None = None):
         x = _as_x(student)
         self.check_batch_temperature(teacher_batch)
-        B, T = x.shape[0], x.shape[1]
+        T = x.shape[1]
         g, idx = _kl_items(teacher_batch, T, self.spec, x.device)
         _, vals = _run(student, _empty_long(x.device), _empty_long(x.device), [g], self.chunk_size)
         return _reduce(vals * self.scale, reduction or self.reduction, idx, teacher_batch["positions"].shape)
