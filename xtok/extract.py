@@ -233,18 +233,46 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def gguf_model_file(model: str) -> Path | None:
+    """The GGUF file `--model` names: the path itself when it ends in .gguf, the one .gguf file of a
+    folder without config.json; None otherwise (ExtractError for a folder with several)."""
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").exists():
+        from .tokens import gguf_files
+
+        found = gguf_files(p)
+        if len(found) > 1:
+            raise ExtractError(f"--model {model}: the folder holds several .gguf files "
+                               f"({', '.join(f.name for f in found)}); pass the one you mean.")
+        return found[0] if found else None
+    return None
+
+
 def check_model_spec(model: str) -> None:
     """Cheap checks of `--model` before anything is loaded: a local folder must exist and hold a
-    config.json; a hub id must be in the local Hugging Face cache or the hub must answer at once (no
-    long retry loops when there is no network)."""
+    config.json (or one .gguf file); a .gguf file needs the `xtok[gguf]` extra; a hub id must be in
+    the local Hugging Face cache or the hub must answer at once (no long retry loops when there is no
+    network)."""
     p = Path(model).expanduser()
     if p.exists():
+        gg = gguf_model_file(model)
+        if gg is not None:
+            from .tokens import TokenizerLoadError, require_gguf
+
+            try:
+                require_gguf(f"--model {model}", ("gguf", "accelerate"))
+            except TokenizerLoadError as e:
+                raise ExtractError(str(e)) from None
+            return
         if not p.is_dir():
-            raise ExtractError(f"--model {model}: is a file; pass the model folder (config.json + weights) or a "
-                               "hub id.")
+            raise ExtractError(f"--model {model}: is a file; pass the model folder (config.json + weights), a .gguf "
+                               "file or a hub id.")
         if not (p / "config.json").exists():
-            raise ExtractError(f"--model {model}: the folder has no config.json; pass a transformers model folder "
-                               "(config.json + weights) or a hub id like 'org/name'.")
+            raise ExtractError(f"--model {model}: the folder has no config.json and no .gguf file; pass a "
+                               "transformers model folder (config.json + weights), a .gguf file or a hub id like "
+                               "'org/name'.")
         return
     if model.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(model):
         raise ExtractError(f"--model {model}: no such folder (and not a hub id like 'org/name').")
@@ -357,11 +385,24 @@ def load_teacher(model: str, dtype: str = "auto", device: str = "cpu", check_spe
     if check_spec:
         check_model_spec(model)
     p = Path(model).expanduser()
+    gg = gguf_model_file(model) if p.exists() else None
     try:
-        mdl = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else model, dtype=tdt)
+        if gg is not None:  # llama.cpp file: transformers dequantises it to float tensors
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                mdl = AutoModelForCausalLM.from_pretrained(str(gg.parent), gguf_file=gg.name, dtype=tdt)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        else:
+            mdl = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else model, dtype=tdt)
     except Exception as e:  # noqa: BLE001
+        what = "a GGUF file transformers can read (its architecture must be one transformers converts)" \
+            if gg is not None else "a folder with config.json and weights"
         raise ExtractError(f"--model {model}: transformers could not load it as a causal LM "
-                           f"({type(e).__name__}: {str(e)[:300]}). Pass a folder with config.json and weights.") from e
+                           f"({type(e).__name__}: {str(e)[:300]}). Pass {what}.") from e
     mdl.to(device).eval()
     head = mdl.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
@@ -437,14 +478,17 @@ def model_max_length(mdl) -> tuple[int | None, str | None]:
     return None, None
 
 
-def model_hash(mdl, per_tensor: int = 1024) -> str:
-    """sha256 of the config and, for every parameter tensor (name, shape, dtype), a strided sample of
-    `per_tensor` values (the whole tensor when smaller) taken on the device and compared as float32
-    bytes: a retrained, fine-tuned or LoRA-merged checkpoint (dense weight changes) gets another hash."""
+def model_hash(mdl, per_tensor: int = 1024, chunk: int = 1 << 24) -> str:
+    """sha256 of the config and, for every parameter tensor (name, shape, dtype): a strided sample of
+    `per_tensor` values (exact float32 bytes) and three float64 moments over *every* value (sum, sum of
+    squares, and a sum weighted by (index mod 9973) + 1), computed on the device in chunks and recorded
+    to 9 significant digits. So a change to any single weight changes the hash (a fine-tune, a LoRA
+    merge, another quantisation: for a GGUF teacher these are the dequantised values transformers
+    loaded), without copying the weights to the host."""
     import torch
 
     h = hashlib.sha256(mdl.config.to_json_string(use_diff=False).encode())
-    samples = []
+    samples, moments = [], []
     with torch.no_grad():
         for name, p in mdl.named_parameters():
             flat = p.detach().reshape(-1)
@@ -452,8 +496,15 @@ def model_hash(mdl, per_tensor: int = 1024) -> str:
             stride = max(1, n // per_tensor)
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
             samples.append(flat[::stride][:per_tensor].float())
+            acc = torch.zeros(3, dtype=torch.float64, device=flat.device)
+            for s0 in range(0, n, chunk):
+                x = flat[s0: s0 + chunk].to(torch.float64)
+                wgt = torch.arange(s0, s0 + x.numel(), device=x.device, dtype=torch.int64).remainder_(9973).add_(1)
+                acc += torch.stack([x.sum(), (x * x).sum(), (x * wgt).sum()])
+            moments.append(acc)
         if samples:
             h.update(np.ascontiguousarray(torch.cat(samples).cpu().numpy(), dtype="<f4").tobytes())
+            h.update(";".join(f"{v:.9e}" for v in torch.cat(moments).cpu().tolist()).encode())
     return h.hexdigest()
 
 
@@ -812,7 +863,7 @@ def _model_tokenizer(model: str):
     from .tokens import TokenizerLoadError, load_tokenizer
 
     p = Path(model).expanduser()
-    if not p.is_dir():
+    if not p.is_dir() and p.suffix != ".gguf":
         return None
     try:
         return load_tokenizer(str(p))

@@ -1,7 +1,8 @@
 """Tokenizers and their canonical token bytes.
 
 This module owns one thing: for any tokenizer a user can name (a Hugging Face `tokenizer.json`
-file or folder, a SentencePiece `.model`, a mistral-common Tekken `.json`, or a hub id), a
+file or folder, a SentencePiece `.model`, a mistral-common Tekken `.json`, the tokenizer inside a
+llama.cpp `.gguf` file, or a hub id), a
 uniform `Tokenizer` object that encodes/decodes text and knows, for every token id, the exact
 raw bytes that token stands for (`TokenBytes`). Everything downstream (alignment, projection,
 extraction, collation) works on those bytes, never on tokenizer-specific token strings.
@@ -608,13 +609,23 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_hf_json(path: Path, config_dir: Path | None) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTok
-
     spec = _read_json(path)
-    tok = HFTok.from_str(json.dumps(spec))
     cfg = {}
     if config_dir is not None and (config_dir / "tokenizer_config.json").exists():
         cfg = json.loads((config_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    chat = None
+    if config_dir is not None and (config_dir / "chat_template.jinja").exists():
+        chat = (config_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    name = config_dir.name if config_dir is not None else path.name
+    return _load_hf_spec(spec, cfg, name=name, source=str(path), chat_fallback=chat)
+
+
+def _load_hf_spec(spec: dict, cfg: dict, *, name: str, source: str, chat_fallback: str | None = None) -> Tokenizer:
+    """A Tokenizer from a parsed tokenizer.json (`spec`) and tokenizer_config.json fields (`cfg`:
+    bos/eos/pad/unk_token, chat_template)."""
+    from tokenizers import Tokenizer as HFTok
+
+    tok = HFTok.from_str(json.dumps(spec))
     kind, pieces, prefix_space = _hf_pieces(spec, tok)
     added_special = {a["content"]: a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
 
@@ -630,12 +641,81 @@ def _load_hf_json(path: Path, config_dir: Path | None) -> Tokenizer:
     chat = cfg.get("chat_template")
     if isinstance(chat, list):  # named templates
         chat = next((c["template"] for c in chat if c.get("name") == "default"), chat[0]["template"])
-    if chat is None and config_dir is not None and (config_dir / "chat_template.jinja").exists():
-        chat = (config_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    name = config_dir.name if config_dir is not None else path.name
+    if chat is None:
+        chat = chat_fallback
     return Tokenizer(_HFBackend(tok), name=name, kind=kind, pieces=pieces, prefix_space=prefix_space,
                      special_tokens=added_special, chat_template=chat, bos_id=bos, eos_id=eos, pad_id=pad,
-                     unk_id=unk, source=str(path))
+                     unk_id=unk, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp): the tokenizer inside them
+# --------------------------------------------------------------------------------------------
+
+GGUF_EXTRA_HINT = "pip install 'xtok[gguf]' (the gguf and accelerate packages)"
+
+
+def require_gguf(what: str, packages: Sequence[str] = ("gguf",)) -> None:
+    """Raise TokenizerLoadError naming the `xtok[gguf]` extra when a package GGUF files need is missing."""
+    import importlib.util
+
+    missing = [m for m in packages if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TokenizerLoadError(f"{what}: a GGUF file needs the {', '.join(missing)} package(s), which are not "
+                                 f"installed. Install them with {GGUF_EXTRA_HINT}.")
+
+
+def gguf_files(folder: Path) -> list[Path]:
+    """The .gguf files directly in `folder`, sorted."""
+    return sorted(f for f in folder.glob("*.gguf") if f.is_file())
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XTOK_CACHE_DIR") or Path.home() / ".cache" / "xtok")
+
+
+def _load_gguf(p: Path) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's metadata, converted by transformers' GGUF reader to a
+    tokenizer.json (+ specials and chat template). The conversion (seconds to tens of seconds for a
+    262k vocabulary) is cached under $XTOK_CACHE_DIR (default ~/.cache/xtok), keyed by the file's
+    path, size and modification time."""
+    require_gguf(str(p))
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = _cache_dir() / "gguf-tokenizers" / f"{key}.json"
+    got = None
+    if cached.is_file():
+        try:
+            got = json.loads(cached.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            got = None
+    if got is None:
+        try:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                t = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            spec = json.loads(t.backend_tokenizer.to_str())
+        except Exception as e:  # noqa: BLE001 - transformers/gguf raise many types on odd files
+            raise TokenizerLoadError(f"{p}: transformers could not read a tokenizer from this GGUF file "
+                                     f"({type(e).__name__}: {str(e)[:300]}).") from e
+        cfg = {k: getattr(t, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        cfg["chat_template"] = getattr(t, "chat_template", None)
+        got = {"spec": spec, "config": {k: (str(v) if v is not None and k != "chat_template" else v)
+                                        for k, v in cfg.items()}}
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(got), encoding="utf-8")
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only home: convert again next time
+    return _load_hf_spec(got["spec"], got["config"], name=p.name, source=str(p))
 
 
 def _load_spm(path: Path) -> Tokenizer:
@@ -728,8 +808,9 @@ def load_tokenizer(spec: "str | os.PathLike | Tokenizer", *, cache: bool = True)
     """Load a tokenizer from a local folder/file, a `mistral-common:<file>` name, or a hub id.
 
     Accepted: a folder with tokenizer.json (+ tokenizer_config.json for specials/chat template) or
-    tokenizer.model; a tokenizer.json (or .json.xz); a SentencePiece .model (also mistral's
-    `.model.v1/.v3`); a Tekken .json; `mistral-common:tekken_240911.json`; a hub id (needs network
+    tokenizer.model (or holding one .gguf file); a tokenizer.json (or .json.xz); a SentencePiece
+    .model (also mistral's `.model.v1/.v3`); a Tekken .json; a llama.cpp .gguf file (its embedded
+    tokenizer; needs `xtok[gguf]`); `mistral-common:tekken_240911.json`; a hub id (needs network
     or the HF cache). Raises TokenizerLoadError naming the path and what to do when nothing loads.
     """
     if isinstance(spec, Tokenizer):
@@ -746,8 +827,14 @@ def _load_uncached(spec: str) -> Tokenizer:
                 return _load_hf_json(p / cand, p)
         for cand in sorted(p.glob("*.model*")) + sorted(p.glob("tekken*.json")):
             return _load_file(cand)
+        ggufs = gguf_files(p)
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0])
+        if ggufs:
+            raise TokenizerLoadError(f"{p}: folder holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
+                                     "pass the one you mean.")
         raise TokenizerLoadError(
-            f"{p}: folder has no tokenizer.json, tokenizer.model or tekken*.json. "
+            f"{p}: folder has no tokenizer.json, tokenizer.model, tekken*.json or .gguf file. "
             "Point --teacher/--student at a tokenizer folder or file.")
     if p.is_file():
         return _load_file(p)
@@ -758,6 +845,8 @@ def _load_uncached(spec: str) -> Tokenizer:
 
 def _load_file(p: Path) -> Tokenizer:
     name = p.name
+    if name.endswith(".gguf"):
+        return _load_gguf(p)
     if name.endswith((".json", ".json.xz")):
         try:
             spec = _read_json(p)
@@ -780,7 +869,8 @@ def _load_file(p: Path) -> Tokenizer:
     if ".model" in name or name.endswith(".spm"):
         return _load_spm(p)
     raise TokenizerLoadError(
-        f"{p}: unknown tokenizer file type; expected tokenizer.json, a SentencePiece .model or a Tekken .json.")
+        f"{p}: unknown tokenizer file type; expected tokenizer.json, a SentencePiece .model, a Tekken .json or a "
+        ".gguf file.")
 
 
 def _load_hub(spec: str) -> Tokenizer:

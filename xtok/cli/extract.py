@@ -27,14 +27,15 @@ def _shard(ctx, param, value):
 
 
 @click.command("extract")
-@click.option("--model", "-m", required=True, help="Teacher: a transformers causal-LM folder (config.json + weights) "
-              "or a hub id.")
+@click.option("--model", "-m", required=True, help="Teacher: a transformers causal-LM folder (config.json + weights), "
+              "a llama.cpp .gguf file (or a folder holding one; dequantised by transformers, needs "
+              "pip install 'xtok[gguf]') or a hub id.")
 @click.option("--dataset", "-d", required=True, help="A .jsonl/.json/.parquet/.arrow file, a folder of them, a "
               "`save_to_disk` folder, or a hub dataset id.")
 @click.option("--output", "-o", required=True, help="Store folder (local path or fsspec URL). Re-running the same "
               "command resumes; other settings need a new folder or --overwrite.")
-@click.option("--tokenizer", default=None, help="Tokenizer (folder, tokenizer.json, .model, Tekken .json, "
-              "mistral-common:<file>); default: the model folder.")
+@click.option("--tokenizer", default=None, help="Tokenizer (folder, tokenizer.json, .model, Tekken .json, .gguf, "
+              "mistral-common:<file>); default: the model's own (its folder, or the tokenizer inside its .gguf).")
 @click.option("--split", default="train", show_default=True, help="Dataset split: of a hub dataset, a save_to_disk "
               "DatasetDict, or a folder of files named by split like `datasets` does (train/training, "
               "validation/valid/dev/val, test/testing/eval/evaluation in file or folder names; a folder without "
