@@ -2,12 +2,7 @@
 reference implementation in the same run and prints the ratio."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def pytest_addoption(parser):

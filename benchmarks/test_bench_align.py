@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from benchmarks.conftest import report
 
-from xtok.align import align, align_arrays, byte_match, dp_match
+from xtok.alignment import align, align_arrays, byte_match, dp_match
 from xtok.tokens import load_tokenizer
 
 
 def _corpus() -> str:
-    from conftest import ASSETS  # tests/conftest.py (benchmarks/conftest.py puts tests/ on sys.path)
+    from xtok.testing.assets import ASSETS
 
     p = ASSETS / "corpora" / "tinyshakespeare.txt"
     if p.exists():
@@ -58,7 +58,7 @@ def _best(fn, reps):
 
 def _ref_estimate(a: bytes, b: bytes, fa=None, fb=None, cells=150_000):
     """CPU seconds of the pure-Python reference DP on all of a x b, from its first rows."""
-    from test_align import ref_gotoh  # tests/ is on sys.path (benchmarks/conftest.py)
+    from xtok.testing.alignment import ref_gotoh
 
     rows = min(len(a), max(2, cells // max(1, len(b))))
     t0 = time.process_time()
@@ -91,7 +91,7 @@ def test_bench_exact_path(toks):
 
 @pytest.mark.parametrize("n_tokens", [512, 2048, 8192])
 def test_bench_dp_path_vs_reference(toks, n_tokens):
-    from test_align import ref_flags  # tests/ is on sys.path (benchmarks/conftest.py)
+    from xtok.testing.alignment import ref_flags
 
     spm, tek = toks
     corpus = _corpus()
@@ -135,7 +135,7 @@ def _unrelated_text(n: int) -> str:
 def test_bench_worst_cases(toks, case):
     """Inputs that share (almost) nothing: few or no anchors, so the large remaining regions get the
     banded DP (half-width BAND_HALF; n x (2 * BAND_HALF + 1) bytes of back-pointers)."""
-    from xtok.align import BAND_HALF
+    from xtok.alignment import BAND_HALF
 
     spm, tek = toks
     rng = np.random.default_rng(0)

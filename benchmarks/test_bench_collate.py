@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import report
-from conftest import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN
+from xtok.testing.assets import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN
 
 K = 64
 SEQ = 2048
@@ -105,7 +105,7 @@ class _NaiveCollator:
         self.col = col
 
     def __call__(self, rows):
-        from xtok.align import align
+        from xtok.alignment import align
 
         col = self.col
         xs = [col.tokenize(r) for r in rows]
@@ -187,7 +187,8 @@ def setup(request, tmp_path_factory):
 
 def _stages(col, rows) -> tuple[dict, int]:
     """CPU seconds per stage for one batch, replaying what `CrossTokenizerCollator.__call__` does."""
-    from xtok.collate import IGNORE_INDEX, _align_chunks, _pad_teacher, build_targets
+    from xtok.alignment import align_pair
+    from xtok.collate import IGNORE_INDEX, pad_targets, plan_targets, stored_targets
 
     pt = time.process_time
     st = {}
@@ -201,7 +202,7 @@ def _stages(col, rows) -> tuple[dict, int]:
         exs = [t.lookup(x.key) for x in xs]
         st[f"read_{t.name}"] = pt() - c0
         c0 = pt()
-        al = [_align_chunks(t.tok, col.student, np.asarray(e.input_ids, np.int64), x.input_ids) for e, x in zip(exs, xs)]
+        al = [align_pair(t.tok, col.student, np.asarray(e.input_ids, np.int64), x.input_ids) for e, x in zip(exs, xs)]
         st[f"align_{t.name}"] = pt() - c0
         kern = [0.0]
 
@@ -212,12 +213,18 @@ def _stages(col, rows) -> tuple[dict, int]:
             return r
 
         c0 = pt()
-        per = [build_targets(ch, e, x.labels != IGNORE_INDEX, timed, col.student.token_bytes.is_special[x.input_ids],
-                             t.min_coverage, tc, sc, t.min_run_bytes) for (ch, _path, tc, sc), e, x in zip(al, exs, xs)]
+        per = []
+        for (ch, _path, tc, sc), e, x in zip(al, exs, xs):
+            T = len(e.input_ids)
+            avail = np.zeros(T + 1, bool)
+            avail[np.asarray(e.positions, np.int64)] = True
+            plan = plan_targets(ch, T, avail, x.labels != IGNORE_INDEX, col.student.token_bytes.is_special[x.input_ids],
+                                t.min_coverage, tc, sc, t.min_run_bytes)
+            per.append(stored_targets(plan, e, timed))
         st[f"targets_{t.name}"] = pt() - c0
         st[f"targets_{t.name}_kernel"] = kern[0]  # of which: the decode + projection kernel
         c0 = pt()
-        _pad_teacher(per, torch)
+        pad_targets(per, torch)
         st[f"pad_{t.name}"] = pt() - c0
     return st, ntok
 

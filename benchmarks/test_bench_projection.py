@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.conftest import report
-from conftest import ASSETS, MISTRAL_SPM, TEKKEN
+from xtok.testing.assets import ASSETS, MISTRAL_SPM, TEKKEN
 
 _CHILD = r"""
 import json, resource, sys, time

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import report
-from conftest import ASSETS, MISTRAL_SPM, TEKKEN
+from xtok.testing.assets import ASSETS, MISTRAL_SPM, TEKKEN
 
 TARGET_RATIO = 0.5   # issue 4: xtok <= half of the best anchor's bytes per position (equal k, equal content)
 

@@ -1,20 +1,12 @@
 """Shared fixtures: real tokenizers (mistral-common ships some; ../shared/assets has more)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from xtok.testing.assets import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, REPO, TEKKEN  # noqa: F401 (re-exported)
 from xtok.tokens import load_tokenizer, mistral_common_data_dir
-
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("XTOK_ASSETS", REPO.parent / "shared" / "assets"))
-
-# Real tokenizers always available (PyPI mistral-common is a dependency).
-MISTRAL_SPM = "mistral-common:tokenizer.model.v1"        # SentencePiece 32k, byte fallback
-MISTRAL_SPM_V3 = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"  # 32768, control tokens
-TEKKEN = "mistral-common:tekken_240911.json"             # byte-level BPE 131k
 
 
 def asset(rel: str) -> Path:

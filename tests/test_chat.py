@@ -212,7 +212,7 @@ def test_strftime_now_in_templates(tekken_tok):
 
 
 def test_marker_pair_check():
-    from xtok.chat import _MK, _WI, _bad_pairs
+    from xtok.chat import MSG_MARK as _MK, WORD_MARK as _WI, bad_marker_pairs as _bad_pairs
 
     op = np.array([_MK, _MK + 4], np.int64)
     assert not _bad_pairs(op, op + 1)

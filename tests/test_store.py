@@ -146,14 +146,13 @@ def test_write_read_random_access(tmp_path, V, m):
         st[21]
     t = st[0].to_tensors()
     assert t["topk_ids"].shape == (len(refs[0]["pos"]), k)
-    # raw_row: the encoded columns of one example, by key or global index
-    assert st.raw_row("nope") is None and st.raw_row(21) is None and st.raw_row(-1) is None
+    # packed: one example with its top-k rows still encoded, by key or global index
+    assert st.packed("nope") is None and st.packed(21) is None and st.packed(-1) is None
     for i in (0, 9, 20):
-        cols, j = st.raw_row(refs[i]["key"])
-        assert cols["key"][j].as_py() == refs[i]["key"]
-        cols2, j2 = st.raw_row(i)
-        assert cols2["key"][j2].as_py() == refs[i]["key"]
-        assert int(cols["n_tokens"][j].as_py()) == len(refs[i]["ids"])
+        got = st.packed(refs[i]["key"])
+        assert got.key == refs[i]["key"]
+        assert st.packed(i).key == refs[i]["key"]
+        assert np.array_equal(got.input_ids, refs[i]["ids"])
 
 
 def test_crash_repair_orphan_shard_and_temp_files(tmp_path):
@@ -226,12 +225,12 @@ def test_orphan_shard_of_other_settings_is_refused(tmp_path):
 def test_shard_commit_writes_only_the_shard(tmp_path, monkeypatch):
     """Committing a shard is O(shard): one atomic write of the shard itself, of the same size for the
     first and the last shard (no per-rank file that grows with every key so far)."""
-    import xtok.store as store_mod
+    from xtok.store.fs import StoreFS
 
     writes = []
-    orig = store_mod._IO.write_atomic
-    monkeypatch.setattr(store_mod._IO, "write_atomic", lambda self, rel, data: (writes.append((rel, len(data))),
-                                                                                orig(self, rel, data))[1])
+    orig = StoreFS.write_atomic
+    monkeypatch.setattr(StoreFS, "write_atomic", lambda self, rel, data: (writes.append((rel, len(data))),
+                                                                          orig(self, rel, data))[1])
     rng = np.random.default_rng(4)
     V, k, n_shards = 1000, 4, 40
     rows, _ = _rows(rng, 4, V, k, 0)

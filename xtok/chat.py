@@ -39,11 +39,11 @@ import numpy as np
 from .tokens import Tokenizer, char_to_byte_offsets
 
 __all__ = ["RenderedChat", "render_chat", "load_template", "chat_template_source", "default_template",
-           "ChatFormatError", "DEFAULT_TEMPLATES"]
+           "ChatFormatError", "DEFAULT_TEMPLATES", "validate_messages", "bad_marker_pairs", "MSG_MARK", "WORD_MARK"]
 
-# Markers (supplementary private-use planes): message k opens with chr(_MK + 2k) and closes with
-# chr(_MK + 2k + 1) (plane 15); a word marker carries the word's index j as chr(_WI + j) (plane 16).
-_MK, _WI, _MAX_MSG, _MAX_WORDS = 0xF0000, 0x100000, 0x7FFE, 0xFFFD
+# Markers (supplementary private-use planes): message k opens with chr(MSG_MARK + 2k) and closes with
+# chr(MSG_MARK + 2k + 1) (plane 15); a word marker carries the word's index j as chr(WORD_MARK + j) (plane 16).
+MSG_MARK, WORD_MARK, _MAX_MSG, _MAX_WORDS = 0xF0000, 0x100000, 0x7FFE, 0xFFFD
 _MARKER_RE = re.compile("[\U000F0000-\U0010FFFF]")
 
 DEFAULT_TEMPLATES = {
@@ -152,7 +152,9 @@ def _compile(source: str):
 _COMPILED: dict[str, object] = {}
 
 
-def _validate(messages) -> list[dict]:
+def validate_messages(messages) -> list[dict]:
+    """The messages as render_chat reads them (a list of {'role': str, 'content': str} dicts), or a
+    ChatFormatError naming the message and the field that is wrong."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatFormatError("messages: expected a non-empty list of {'role': ..., 'content': ...} objects.")
     out = []
@@ -210,16 +212,16 @@ def _words(rx: re.Pattern, content: str) -> list[tuple[int, int]]:
 def _markers(rendered: str):
     """(clean text, marker code points, their char positions in the clean text)."""
     cps = np.frombuffer(rendered.encode("utf-32-le"), dtype=np.uint32)
-    is_m = cps >= _MK
+    is_m = cps >= MSG_MARK
     idx = np.nonzero(is_m)[0]
     clean = cps[~is_m].tobytes().decode("utf-32-le") if idx.size else rendered
     return clean, cps[idx].astype(np.int64), idx - np.arange(idx.size)
 
 
-def _bad_pairs(op, cl) -> bool:
+def bad_marker_pairs(op, cl) -> bool:
     """Whether any open marker is not a message-open code point (plane 15, even) or any close
     marker is not its partner (open + 1)."""
-    return bool(np.any(op >= _WI) or np.any((op - _MK) % 2 != 0) or np.any(cl != op + 1))
+    return bool(np.any(op >= WORD_MARK) or np.any((op - MSG_MARK) % 2 != 0) or np.any(cl != op + 1))
 
 
 def _spans_whole(vals, pos, asst: list[int]) -> dict[int, tuple[int, int]] | None:
@@ -227,9 +229,9 @@ def _spans_whole(vals, pos, asst: list[int]) -> dict[int, tuple[int, int]] | Non
     if vals.size != 2 * len(asst) or vals.size == 0:
         return None
     op, cl = vals[0::2], vals[1::2]
-    if _bad_pairs(op, cl):
+    if bad_marker_pairs(op, cl):
         return None
-    ks = ((op - _MK) // 2).tolist()
+    ks = ((op - MSG_MARK) // 2).tolist()
     if sorted(ks) != sorted(asst) or len(set(ks)) != len(ks):
         return None
     return {k: (int(pos[2 * i]), int(pos[2 * i + 1])) for i, k in enumerate(ks)}
@@ -242,9 +244,9 @@ def _spans_words(vals, pos, words: dict[int, list], contents: dict[int, str], te
     if vals.size % 3:
         return None
     op, wi, cl = vals[0::3], vals[1::3], vals[2::3]
-    if _bad_pairs(op, cl) or np.any(wi < _WI) or np.any(pos[1::3] != pos[0::3]):
+    if bad_marker_pairs(op, cl) or np.any(wi < WORD_MARK) or np.any(pos[1::3] != pos[0::3]):
         return None
-    ks, js = (op - _MK) // 2, wi - _WI
+    ks, js = (op - MSG_MARK) // 2, wi - WORD_MARK
     starts, ends = pos[0::3], pos[2::3]
     out = {}
     for k in np.unique(ks).tolist():
@@ -315,7 +317,7 @@ def _locate_assistant(tok: Tokenizer, render, msgs: list[dict], text: str) -> li
         return (vals, pos) if clean == text else None
 
     # 1. whole-content markers
-    got = attempt([dict(m, content=chr(_MK + 2 * i) + m["content"] + chr(_MK + 2 * i + 1))
+    got = attempt([dict(m, content=chr(MSG_MARK + 2 * i) + m["content"] + chr(MSG_MARK + 2 * i + 1))
                    if m["role"] == "assistant" else m for i, m in enumerate(msgs)])
     spans = _spans_whole(*got, asst) if got is not None else None
     if spans is None:
@@ -331,10 +333,10 @@ def _locate_assistant(tok: Tokenizer, render, msgs: list[dict], text: str) -> li
             if len(w) > _MAX_WORDS:
                 raise ChatFormatError(f"messages[{i}].content: {len(w)} words; at most {_MAX_WORDS} can be located.")
             words[i], contents[i] = w, c
-            o, cl = chr(_MK + 2 * i), chr(_MK + 2 * i + 1)
+            o, cl = chr(MSG_MARK + 2 * i), chr(MSG_MARK + 2 * i + 1)
             parts, pos = [], 0
             for j, (a, b) in enumerate(w):
-                parts += [c[pos:a], o, chr(_WI + j), c[a:b], cl]
+                parts += [c[pos:a], o, chr(WORD_MARK + j), c[a:b], cl]
                 pos = b
             parts.append(c[pos:])
             marked.append(dict(m, content="".join(parts)))
@@ -358,7 +360,7 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path |
                 add_generation_prompt: bool = False) -> RenderedChat:
     """Render `messages` with `template` (default: the tokenizer's own, else a built-in one),
     tokenise, and mark assistant tokens."""
-    msgs = _validate(messages)
+    msgs = validate_messages(messages)
     tpl = _compiled(chat_template_source(tok, template))
 
     def name(i):
@@ -402,3 +404,6 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path |
                 mask[k] = True
                 mask[gap] = True
     return RenderedChat(text=text, ids=ids, assistant_mask=mask, offsets=off)
+
+
+_validate = validate_messages  # old name, used by xtok.extract until it moves to validate_messages

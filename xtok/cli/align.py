@@ -83,7 +83,7 @@ def align_cmd(teacher, student, file, as_json, chat, teacher_template, student_t
     A chunk is the finest group of teacher tokens and student tokens whose bytes are equal; tokens
     in no chunk (special/template tokens, text on one side only) are gaps.
     """
-    from xtok.align import align
+    from xtok.alignment import align
 
     text = _read_text(file)
     messages = None

@@ -45,12 +45,11 @@ def inspect_cmd(path, example, positions, show_k, tokenizer, sample, as_json):
     cover = np.concatenate(cover) if cover else np.zeros(0)
     edges = np.linspace(0, 1, 11)
     hist = np.histogram(cover, bins=edges)[0]
-    disk = sum(store.io.fs.size(store.io.p(f)) if store.io.fs else __import__("os").path.getsize(store.io.p(f))
-               for f in store._files)
+    disk = sum(store.shard_bytes())
     total_pos = n_pos * (n / max(1, len(idx)))
     summary = {k: man.get(k) for k in ("model", "tokenizer", "tokenizer_hash", "dataset", "split", "top_k", "top_p",
                                        "sample_tail", "temperature", "targets", "dtype", "format_version")}
-    summary.update({"examples": n, "shards": len(store._files), "skipped": man.get("skipped"),
+    summary.update({"examples": n, "shards": len(store.shard_files), "skipped": man.get("skipped"),
                     "disk_bytes": int(disk), "bytes_per_position": disk / max(total_pos, 1),
                     "topk_mass_mean": float(cover.mean()) if cover.size else None,
                     "topk_mass_histogram": {f"{edges[b]:.1f}-{edges[b + 1]:.1f}": int(hist[b]) for b in range(10)}})
