@@ -2,7 +2,7 @@
 
 Data flows one way (each package imports only those before it):
 
-    tokens, chat, rows -> alignment -> projection -> store -> extract -> collate -> losses   (cli/ on top)
+    tokens, chat, rows -> alignment -> projection -> store -> extract -> collate -> losses -> trainer  (cli/)
 
 Heavy modules are imported lazily on first attribute access (`xtok.align` is the function; the
 alignment package is `xtok.alignment`).
@@ -22,19 +22,21 @@ _LAZY = {
     "TeacherStore": "store",
     "CrossTokenizerKLLoss": "losses", "ChunkLikelihoodLoss": "losses", "SFTLoss": "losses",
     "MultiTeacherLossAggregator": "losses", "TeacherLoss": "losses",
-    "CrossTokenizerCollator": "collate", "TeacherSpec": "collate",
+    "CrossTokenizerCollator": "collate", "TeacherSpec": "collate", "fill_online_targets": "collate",
+    "DistillationTrainer": "trainer",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # names for IDEs and type checkers; at run time they load lazily (__getattr__)
     from .alignment import Alignment, align
-    from .collate import CrossTokenizerCollator, TeacherSpec
+    from .collate import CrossTokenizerCollator, TeacherSpec, fill_online_targets
     from .losses import ChunkLikelihoodLoss, CrossTokenizerKLLoss, MultiTeacherLossAggregator, SFTLoss, TeacherLoss
     from .projection import ProjectionMatrix
     from .rows import RowFormat, example_key
     from .store import TeacherStore
     from .tokens import TokenBytes, Tokenizer, load_tokenizer
+    from .trainer import DistillationTrainer
 
 
 def __getattr__(name):

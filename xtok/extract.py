@@ -37,7 +37,7 @@ from .store import (StoreError, StoreWriter, content_json, content_key, encode_e
                     QSTEP, D_MAX)
 
 __all__ = ["ExtractConfig", "ExtractError", "OutputLayer", "extract", "teacher_targets", "load_teacher", "read_dataset",
-           "check_output_layer", "model_hash"]
+           "check_output_layer", "model_hash", "teacher_parts"]
 
 
 class ExtractError(ValueError):
@@ -404,13 +404,21 @@ def load_teacher(model: str, dtype: str = "auto", device: str = "cpu", check_spe
         raise ExtractError(f"--model {model}: transformers could not load it as a causal LM "
                            f"({type(e).__name__}: {str(e)[:300]}). Pass {what}.") from e
     mdl.to(device).eval()
+    body, head = teacher_parts(mdl, f"--model {model}")
+    return mdl, body, head
+
+
+def teacher_parts(mdl, name: str):
+    """(body, OutputLayer) of a transformers causal LM: the model without its output layer, and the
+    output layer with the model's known logit transforms (see OutputLayer). ExtractError naming `name`
+    when the model has no separable output layer."""
     head = mdl.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise ExtractError(f"--model {model}: has no output embedding layer (lm_head); not a causal LM.")
+        raise ExtractError(f"{name}: has no output embedding layer (lm_head); not a causal LM.")
     body = mdl.base_model if mdl.base_model is not mdl else None
     if body is None:
-        raise ExtractError(f"--model {model}: cannot separate the model body from its output layer.")
-    return mdl, body, _output_layer(mdl, head)
+        raise ExtractError(f"{name}: cannot separate the model body from its output layer.")
+    return body, _output_layer(mdl, head)
 
 
 def _body_hidden(body, ids_t, att_t):

@@ -44,6 +44,7 @@ from ..alignment import align_pair
 from ..chat import render_chat
 from ..rows import RowFormat
 from ..tokens import Tokenizer, load_tokenizer
+from .online import pad_online, plan_online, render_teacher_view
 from .targets import TARGET_COUNTERS, TeacherTargets, empty_targets, pad_targets, plan_targets, stored_targets
 from .teachers import TeacherSpec
 
@@ -99,8 +100,9 @@ class CrossTokenizerCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         if validate:
             for t in self.teachers:
-                t.teacher_store  # noqa: B018  (opens it: hash check)
-                t.temperature  # noqa: B018  (manifest field check)
+                if not t.online:
+                    t.teacher_store  # noqa: B018  (opens it: hash check)
+                t.target_temperature  # noqa: B018  (manifest field check)
                 t.projector(self.student)
 
     def __getstate__(self):
@@ -168,11 +170,27 @@ class CrossTokenizerCollator:
         tg.counts["dp_aligned"] = int(pair.path == "dp")
         return tg
 
+    def online_plan(self, teacher: TeacherSpec, row, sx: StudentExample):
+        """A live teacher's view of one row and its targets plan (the logits come later, on the device)."""
+        if isinstance(row, str):
+            row = {self.text_column: row}
+        view = render_teacher_view(teacher.tok, self.row_format, row, chat_template=teacher.chat_template,
+                                   add_bos=teacher.add_bos, max_length=teacher.max_length)
+        plan, path = plan_online(teacher.tok, self.student, view, sx.input_ids, sx.labels != IGNORE_INDEX,
+                                 min_coverage=teacher.min_coverage, min_run_bytes=teacher.min_run_bytes)
+        plan.counts["dp_aligned"] = int(path == "dp")
+        plan.counts["teacher_truncated"] = int(view.truncated)
+        return view, plan
+
     # -- batch -------------------------------------------------------------------------------
     def __call__(self, rows: Sequence) -> dict:
+        return self.collate(rows, [self.tokenize(r) for r in rows])
+
+    def collate(self, rows: Sequence, xs: Sequence[StudentExample]) -> dict:
+        """The batch of `rows` whose student side is already tokenised (`xs`, e.g. a student's own
+        samples with labels on the generated tokens only); the teachers read `rows`."""
         import torch
 
-        xs = [self.tokenize(r) for r in rows]
         B = len(xs)
         T = max([x.input_ids.shape[0] for x in xs] + [1])
         if self.pad_to_multiple_of:
@@ -196,16 +214,24 @@ class CrossTokenizerCollator:
                                  "label_tokens": int((labels != IGNORE_INDEX).sum()),
                                  "truncated": int(sum(x.truncated for x in xs))}
         for t in self.teachers:
-            per = [self.targets(t, x) for x in xs]
             ts = dict.fromkeys(_TEACHER_COUNTERS, 0)
             ts["examples"] = B
-            for tg in per:
-                for k, v in tg.counts.items():
+            if t.online:
+                got = [self.online_plan(t, r, x) for r, x in zip(rows, xs)]
+                per_counts = [(p.counts, p.present) for _, p in got]
+                tok = t.tok
+                pad = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
+                out["teachers"][t.name] = pad_online([v for v, _ in got], [p for _, p in got], int(pad), torch)
+            else:
+                per = [self.targets(t, x) for x in xs]
+                per_counts = [(tg.counts, tg.present) for tg in per]
+                out["teachers"][t.name] = pad_targets(per, torch)
+            for counts, present in per_counts:
+                for k, v in counts.items():
                     ts[k] = ts.get(k, 0) + int(v)
-                ts["present"] += int(tg.present)
-            out["teachers"][t.name] = pad_targets(per, torch)
-            out["teachers"][t.name]["temperature"] = t.temperature
+                ts["present"] += int(present)
+            out["teachers"][t.name]["temperature"] = t.target_temperature
             stats[t.name] = ts
         out["stats"] = stats
+        out["student_vocab_size"] = int(self.student.vocab_size)
         return out
-

@@ -26,11 +26,20 @@ class CollatorError(ValueError):
 
 @dataclass
 class TeacherSpec:
-    """One teacher: its tokenizer, its store (`xtok extract` output) and the projection W
+    """One teacher: its tokenizer, where its distributions come from, and the projection W
     (`xtok build-projection` output) from its vocabulary into the student's.
 
+    Distributions come from a `store` (`xtok extract` output; offline) or a live `model` (a causal LM
+    run during training; online; the collator plans the targets in its workers and
+    `fill_online_targets` / `xtok.DistillationTrainer` runs the model on the training device).
     tokenizer/store/projection may be paths/specs (opened lazily in each worker; preferred) or
-    already-loaded objects. The loss weights live in `MultiTeacherLossAggregator` (by teacher name).
+    already-loaded objects; a `model` is never sent to DataLoader workers. The loss weights live in
+    `MultiTeacherLossAggregator` (by teacher name).
+    `temperature`: online, the temperature of the teacher's softmax (default 1.0; the KL loss's tau must
+    match it); with a store, None (the store's manifest says) or the value the store must have.
+    Online only: `top_k` (teacher entries per position), `chat_template` (the teacher's own; default: its tokenizer's),
+    `add_bos` (text rows: prepend BOS; default: when the tokenizer has one), `max_length` (teacher
+    tokens kept).
     `min_coverage`: an example whose kept chunks cover less than this fraction of the student's trained
     text tokens (within the aligned range) is treated as a text mismatch (present = False).
     `check_hashes`: verify the store's and W's tokenizer hashes against the tokenizers (a store whose
@@ -41,19 +50,45 @@ class TeacherSpec:
 
     name: str
     tokenizer: Any
-    store: Any
-    projection: Any
+    store: Any = None
+    projection: Any = None
     min_coverage: float = 0.5
     check_hashes: bool = True
     min_run_bytes: int = MIN_RUN_BYTES
+    model: Any = field(default=None, repr=False, compare=False)
+    top_k: int = 32
+    temperature: float | None = None
+    chat_template: str | None = None
+    add_bos: bool | None = None
+    max_length: int | None = None
     _tok: Any = field(default=None, init=False, repr=False, compare=False)
     _store: Any = field(default=None, init=False, repr=False, compare=False)
     _proj: Any = field(default=None, init=False, repr=False, compare=False)
     _temp: Any = field(default=None, init=False, repr=False, compare=False)
+    runner: Any = field(default=None, init=False, repr=False, compare=False)  # OnlineTeacher, main process only
 
-    # -- pickling: paths travel, opened handles do not -----------------------------------------
+    def __post_init__(self):
+        if (self.store is None) == (self.model is None):
+            raise ValueError(f"TeacherSpec {self.name!r}: give exactly one of store= (an `xtok extract` store: offline) "
+                             "or model= (a causal LM run during training: online).")
+        if self.projection is None:
+            raise ValueError(f"TeacherSpec {self.name!r}: projection= is required (the W file of `xtok build-projection "
+                             "--teacher T --student S`).")
+        if self.model is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"TeacherSpec {self.name!r}: top_k must be an int >= 1, got {self.top_k!r}.")
+        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"TeacherSpec {self.name!r}: temperature must be > 0, got {self.temperature!r}.")
+
+    @property
+    def online(self) -> bool:
+        """True for a live teacher (a model), False for a store."""
+        return self.model is not None
+
+    # -- pickling: paths travel, opened handles and models do not ----------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
+        d["model"] = None if self.model is None else _InMainProcess(self.name)
+        d["runner"] = None
         if not _is_loaded(self.store):
             d["_store"] = d["_temp"] = None
         if not _is_loaded(self.projection):
@@ -82,18 +117,26 @@ class TeacherSpec:
         return self._store
 
     @property
-    def temperature(self) -> float:
-        """The temperature the store's targets were extracted at (manifest 'temperature'; 1.0 if absent);
-        read once."""
+    def target_temperature(self) -> float:
+        """The temperature of this teacher's targets: online, `temperature` (default 1.0); a store's,
+        its manifest's 'temperature' (1.0 if absent; must equal `temperature` when that is given). Read once."""
         if self._temp is None:
+            if self.online:
+                self._temp = 1.0 if self.temperature is None else float(self.temperature)
+                return self._temp
             man = _manifest(self.teacher_store)
             t = man.get("temperature") if man is not None else None
             try:
-                self._temp = 1.0 if t is None else float(t)
+                got = 1.0 if t is None else float(t)
             except (TypeError, ValueError):
                 raise CollatorError(f"teacher {self.name!r}: store {_store_name(self.store)} has a manifest "
                                     f"'temperature' of {t!r}, not a number; fix the manifest or re-extract the "
                                     "store.") from None
+            if self.temperature is not None and abs(got - float(self.temperature)) > 1e-9 * max(1.0, got):
+                raise CollatorError(f"teacher {self.name!r}: store {_store_name(self.store)} was extracted at "
+                                    f"temperature {got:g}, not the {float(self.temperature):g} given; re-extract with "
+                                    f"--temperature {float(self.temperature):g} or drop temperature=.")
+            self._temp = got
         return self._temp
 
     def projector(self, student: Tokenizer) -> "RowProjector":
@@ -135,6 +178,21 @@ class TeacherSpec:
             return store[key]
         except (KeyError, IndexError):
             return None
+
+
+class _InMainProcess:
+    """What a live teacher's model becomes when a TeacherSpec is pickled (DataLoader workers): the
+    workers only tokenise and align; the model runs in the main process."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self):
+        return f"<teacher {self.name!r} model: in the main process>"
+
+    def __call__(self, *a, **k):
+        raise RuntimeError(f"teacher {self.name!r}: its model lives in the main process (it is not sent to "
+                           "DataLoader workers); run it there with fill_online_targets / DistillationTrainer.")
 
 
 def _store_name(store) -> str:
