@@ -303,7 +303,7 @@ def test_extraction_overhead_vs_bare_forward(tmp_path, hidden, layers, n_texts):
     model loading, model hash, merge)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from xtok.extract import ExtractConfig, _batches, extract
+    from xtok.extract import ExtractConfig, extract, length_batches
     from xtok.tokens import load_tokenizer
 
     torch.set_num_threads(1)
@@ -322,7 +322,7 @@ def test_extraction_overhead_vs_bare_forward(tmp_path, hidden, layers, n_texts):
 
     def bare():
         t0 = time.process_time()
-        for b in _batches(lens, budget):
+        for b in length_batches(lens, budget):
             T = lens[b].max()
             x = np.zeros((len(b), T), np.int64)
             a = np.zeros((len(b), T), np.int64)

@@ -58,23 +58,12 @@ _ROLE_FALLBACK = {"eot": "eos"}
 # --------------------------------------------------------------------------------------------
 
 def batch_encode_plain(tok, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-    """Encode many texts with no special tokens added, through the backend's batch API."""
+    """Encode many texts as plain text (no special tokens added, special-token strings are text) through
+    the tokenizer's batch encoder (`Tokenizer.encode_batch`: the backend library's batch API)."""
     if not texts:
         return []
     nt = num_threads or max(1, min(os.cpu_count() or 1, 8))
-    be = getattr(tok, "_backend", None)
-    kind = type(be).__name__
-    if kind == "_HFBackend":
-        return [e.ids for e in be.tok.encode_batch(texts, add_special_tokens=False)]
-    if kind == "_TekkenBackend":
-        n = be.n_special
-        return [[r + n for r in ids] for ids in be.enc.encode_ordinary_batch(texts, num_threads=nt)]
-    if kind == "_SPMBackend":
-        try:
-            return be.sp.encode(texts, out_type=int, num_threads=nt)
-        except TypeError:  # older sentencepiece
-            return [be.sp.EncodeAsIds(t) for t in texts]
-    return [list(tok.encode(t, parse_special=False)) for t in texts]
+    return [ids.tolist() for ids in tok.encode_batch(texts, parse_special=False, num_threads=nt)]
 
 
 @njit(cache=True, nogil=True)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import MISTRAL_SPM, MISTRAL_SPM_V3, asset
 from xtok.chat import default_template
 from xtok.cli import main as cli
-from xtok.extract import ExtractConfig, ExtractError, _uniforms, extract, teacher_targets
+from xtok.extract import ExtractConfig, ExtractError, extract, tail_uniforms, teacher_targets
 from xtok.store import QSTEP, TeacherStore, example_key
 from xtok.tokens import load_tokenizer
 
@@ -111,7 +111,7 @@ def _check_against_reference(ex, ref_lp, word_start, k, m, seed=0):
     np.testing.assert_allclose(ex.word_start_mass, ws_ref, atol=1e-3)
     if m:
         # independent inverse-CDF draw in float64 from the same uniforms over the tail
-        u = _uniforms(ex.key, seed, P, m)
+        u = tail_uniforms(ex.key, seed, P, m)
         tp = np.exp(ref)
         np.put_along_axis(tp, order, 0.0, 1)
         cdf = np.cumsum(tp, 1)
@@ -934,12 +934,12 @@ def test_writer_abort_leaves_only_what_it_should(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batches_budget_sorted_and_complete(seed):
-    from xtok.extract import _batches
+    from xtok.extract import length_batches
 
     rng = np.random.default_rng(seed)
     lengths = np.concatenate([rng.integers(1, 300, 200), [500, 500, 1, 1]])  # two longer than the budget
     budget = 400
-    batches = _batches(lengths, budget)
+    batches = length_batches(lengths, budget)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(lengths)))          # every index exactly once
     prev_min = None

@@ -340,3 +340,24 @@ def test_load_errors_name_the_path(tmp_path):
     j.write_text(json.dumps({"hello": 1}), encoding="utf-8")
     with pytest.raises(TokenizerLoadError, match="x.json"):
         load_tokenizer(j)
+
+
+@pytest.mark.parametrize("name", ["spm", "spm_v3", "tekken", "gpt2", "llama2", "qwen3", "bert-minilm"])
+def test_encode_batch_equals_the_loop(name):
+    """Tokenizer.encode_batch (the library's own batch encoder) gives what encode gives text by text, for
+    every combination of add_special_tokens / parse_special, also for texts holding special-token
+    strings, empty texts and an empty batch."""
+    spec = {"spm": MISTRAL_SPM, "spm_v3": MISTRAL_SPM_V3, "tekken": TEKKEN}.get(name)
+    tok = load_tokenizer(spec if spec is not None else asset(f"tokenizers/{name}"))
+    specials = sorted(tok.special_tokens)[:6]
+    texts = [TEXT, "", "x", " leading space", "trailing  \n\n", "日本語 👍🏽 Café"] + \
+        [f"{s}hi {s} there{s}" for s in specials] + ["".join(specials), "a" + " ".join(specials) + "\n"]
+    for add in (False, True):
+        for parse in (True, False):
+            want = [tok.encode(t, add_special_tokens=add, parse_special=parse).tolist() for t in texts]
+            got = tok.encode_batch(texts, add_special_tokens=add, parse_special=parse)
+            assert all(g.dtype == np.int64 for g in got)
+            assert [g.tolist() for g in got] == want, (name, add, parse)
+            assert [g.tolist() for g in tok.encode_batch(texts, add_special_tokens=add, parse_special=parse,
+                                                         num_threads=1)] == want
+    assert tok.encode_batch([]) == []

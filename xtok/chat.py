@@ -405,5 +405,3 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], template: str | Path |
                 mask[gap] = True
     return RenderedChat(text=text, ids=ids, assistant_mask=mask, offsets=off)
 
-
-_validate = validate_messages  # old name, used by xtok.extract until it moves to validate_messages

@@ -44,36 +44,41 @@ class RowFormat:
     `assistant` columns); `key_column`: the column holding the example key (None: the `id`/`key`
     column when present and not None, else a content hash)."""
 
-    text_column: str = "text"
-    messages_column: str = "messages"
+    text_column: str | None = "text"
+    messages_column: str | None = "messages"
     key_column: str | None = None
 
-    # -- what the row holds ---------------------------------------------------------------------
+    # -- what the row holds (a column set to None is never read) ---------------------------------
+    def _get(self, row: Mapping, column: str | None):
+        return row.get(column) if column is not None else None
+
     def is_chat(self, row: Mapping) -> bool:
-        return row.get(self.messages_column) is not None or (
-            row.get(self.text_column) is None and "user" in row and "assistant" in row)
+        return self._get(row, self.messages_column) is not None or (
+            self._get(row, self.text_column) is None and "user" in row and "assistant" in row)
 
     def content(self, row: Mapping) -> Any:
         """The part of the row the teacher reads: the messages list, else the text string, else the
         {"user", "assistant"} fields (those present)."""
-        if row.get(self.messages_column) is not None:
-            return row[self.messages_column]
-        if row.get(self.text_column) is not None:
-            return row[self.text_column]
+        msgs = self._get(row, self.messages_column)
+        if msgs is not None:
+            return msgs
+        text = self._get(row, self.text_column)
+        if text is not None:
+            return text
         return {c: row.get(c) for c in ("user", "assistant") if c in row}
 
     def messages(self, row: Mapping) -> list[dict] | None:
         """The row's chat messages with None-valued fields dropped (a `user`/`assistant` row becomes
         two messages), or None for a text row."""
-        msgs = row.get(self.messages_column)
+        msgs = self._get(row, self.messages_column)
         if msgs is None:
-            if row.get(self.text_column) is not None or not ("user" in row and "assistant" in row):
+            if self._get(row, self.text_column) is not None or not ("user" in row and "assistant" in row):
                 return None
             msgs = [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
         return [{k: v for k, v in m.items() if v is not None} for m in msgs]
 
     def text(self, row: Mapping) -> str | None:
-        v = row.get(self.text_column)
+        v = self._get(row, self.text_column)
         return v if isinstance(v, str) else None
 
     # -- the example key --------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import Trainer
 
 from .collate import CrossTokenizerCollator
