@@ -25,7 +25,6 @@ sentencepiece `encode(list, num_threads)`), only for tokens without an exact mat
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
@@ -33,13 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
-from .exact import ByteLookup, canonical_student_mask
-
-TIERS = ("exact", "prefix_newline", "prefix_a", "plain", "bytes_greedy", "unverified", "unk", "special",
-         "identity", "unmapped")
-_TIER = {n: i for i, n in enumerate(TIERS)}
+from .decompose import TIER_INDEX, TIERS, canonical_student_mask, decompose, encode_midtext
+from .lookup import ByteLookup
+from .stats import format_stats, matrix_stats
 
 # Role aliases for special tokens (text -> role). End-of-turn falls back to the student's eos.
 ROLE_ALIASES = {
@@ -51,180 +47,6 @@ ROLE_ALIASES = {
     "unk": ["<unk>", "[UNK]"],
 }
 _ROLE_FALLBACK = {"eot": "eos"}
-
-
-# --------------------------------------------------------------------------------------------
-# batch encoding
-# --------------------------------------------------------------------------------------------
-
-def batch_encode_plain(tok, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-    """Encode many texts as plain text (no special tokens added, special-token strings are text) through
-    the tokenizer's batch encoder (`Tokenizer.encode_batch`: the backend library's batch API)."""
-    if not texts:
-        return []
-    nt = num_threads or max(1, min(os.cpu_count() or 1, 8))
-    return [ids.tolist() for ids in tok.encode_batch(texts, parse_special=False, num_threads=nt)]
-
-
-@njit(cache=True, nogil=True)
-def _verify(enc_ids, enc_off, q_data, q_off, items, prefix_len, s_data, s_off, s_special):
-    """Index (into enc_ids) where item i's own tokens start, or -1 when the prefix does not end on a
-    token boundary or the remaining tokens' bytes differ from the item's bytes."""
-    n = items.size
-    out = np.full(n, -1, np.int64)
-    V = s_off.size - 1
-    for i in range(n):
-        a, b = enc_off[i], enc_off[i + 1]
-        cum = 0
-        j = a
-        bad = False
-        while j < b and cum < prefix_len:
-            sid = enc_ids[j]
-            if sid < 0 or sid >= V:
-                bad = True
-                break
-            cum += s_off[sid + 1] - s_off[sid]
-            j += 1
-        if bad or cum != prefix_len or j >= b:
-            continue
-        qs, qe = q_off[items[i]], q_off[items[i] + 1]
-        p = qs
-        ok = True
-        for t in range(j, b):
-            sid = enc_ids[t]
-            if sid < 0 or sid >= V or s_special[sid]:
-                ok = False
-                break
-            for x in range(s_off[sid], s_off[sid + 1]):
-                if p >= qe or s_data[x] != q_data[p]:
-                    ok = False
-                    break
-                p += 1
-            if not ok:
-                break
-        if ok and p == qe:
-            out[i] = j
-    return out
-
-
-def _flatten(encs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.fromiter(map(len, encs), np.int64, len(encs))
-    off = np.zeros(len(encs) + 1, np.int64)
-    np.cumsum(lens, out=off[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(encs), np.int64, int(off[-1]))
-    return flat, off
-
-
-def _segments(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenation of flat[starts[i]:ends[i]] and the lengths."""
-    lens = (ends - starts).astype(np.int64)
-    base = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-    return flat[base + np.arange(int(lens.sum()))], lens
-
-
-def decompose(student, query_tb, items: np.ndarray, lookup: ByteLookup | None = None, *, batch_size: int = 16384,
-              progress=None, verified_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mid-text student decomposition of the query tokens `items` (ids into `query_tb`).
-
-    Returns (counts int64 [n], flat student ids int64 [sum counts], tier int8 [n]); items in order.
-    Count 0 with tier 'unmapped' when nothing works (no greedy lookup, no unk). `verified_only` stops
-    after the byte-verified tiers (1-4; tier 4 only with a `lookup`)."""
-    items = np.asarray(items, np.int64)
-    n = items.size
-    s_tb = student.token_bytes
-    tier = np.full(n, _TIER["unmapped"], np.int8)
-    seg_item, seg_ids, seg_len = [], [], []
-    texts: list[str | None] = []
-    for i in items.tolist():
-        try:
-            texts.append(query_tb.get(i).decode("utf-8"))
-        except UnicodeDecodeError:
-            texts.append(None)
-    pending = np.array([k for k, t in enumerate(texts) if t is not None], np.int64)
-    ps = int(bool(student.prefix_space))
-    for name, prefix in (("prefix_newline", "\n"), ("prefix_a", "a"), ("plain", "")):
-        if pending.size == 0:
-            break
-        plen = len(prefix.encode()) + ps
-        ok_all = []
-        for c in range(0, pending.size, batch_size):
-            chunk = pending[c:c + batch_size]
-            encs = batch_encode_plain(student, [prefix + texts[k] for k in chunk.tolist()])
-            flat, off = _flatten(encs)
-            start = _verify(flat, off, query_tb.data, query_tb.offsets, items[chunk], plen, s_tb.data, s_tb.offsets,
-                            s_tb.is_special)
-            good = start >= 0
-            ids, lens = _segments(flat, start[good], off[1:][good])
-            seg_item.append(chunk[good])
-            seg_ids.append(ids)
-            seg_len.append(lens)
-            tier[chunk[good]] = _TIER[name]
-            ok_all.append(good)
-            if progress is not None:
-                progress.update(int(good.sum()))
-        pending = pending[~np.concatenate(ok_all)] if ok_all else pending
-    rest = np.nonzero(tier == _TIER["unmapped"])[0]
-    if rest.size and lookup is not None:
-        counts, ids = lookup.greedy(query_tb, items[rest])
-        good = counts >= 0
-        seg_item.append(rest[good])
-        seg_ids.append(ids)
-        seg_len.append(counts[good])
-        tier[rest[good]] = _TIER["bytes_greedy"]
-        if progress is not None:
-            progress.update(int(good.sum()))
-        rest = rest[~good]
-    if rest.size and not verified_only:  # normalising students: take the student's encoding as it is
-        txt = [k for k in rest.tolist() if texts[k] is not None]
-        encs = batch_encode_plain(student, [texts[k] for k in txt])
-        got_i, got_ids, got_len = [], [], []
-        for k, e in zip(txt, encs):
-            e = [x for x in e if 0 <= x < s_tb.vocab_size and s_tb.offsets[x + 1] > s_tb.offsets[x]]
-            if ps and len(e) > 1 and s_tb.get(e[0]) == b" ":
-                e = e[1:]
-            if e:
-                got_i.append(k)
-                got_ids.extend(e)
-                got_len.append(len(e))
-        if got_i:
-            gi = np.array(got_i, np.int64)
-            seg_item.append(gi)
-            seg_ids.append(np.array(got_ids, np.int64))
-            seg_len.append(np.array(got_len, np.int64))
-            tier[gi] = _TIER["unverified"]
-        rest = np.nonzero(tier == _TIER["unmapped"])[0]
-        if rest.size and student.unk_id is not None:
-            seg_item.append(rest)
-            seg_ids.append(np.full(rest.size, student.unk_id, np.int64))
-            seg_len.append(np.ones(rest.size, np.int64))
-            tier[rest] = _TIER["unk"]
-        if progress is not None:
-            progress.update(int(rest.size))
-    counts = np.zeros(n, np.int64)
-    if not seg_item:
-        return counts, np.zeros(0, np.int64), tier
-    it = np.concatenate(seg_item)
-    ln = np.concatenate(seg_len)
-    ids = np.concatenate(seg_ids)
-    counts[it] = ln
-    # reorder segments into item order
-    seg_start = np.cumsum(ln) - ln
-    order = np.argsort(it, kind="stable")
-    ids, _ = _segments(ids, seg_start[order], seg_start[order] + ln[order])
-    return counts, ids, tier
-
-
-def encode_midtext(student, byte_strings: list[bytes]) -> list[np.ndarray | None]:
-    """Mid-text student decomposition of raw byte strings (tiers 1-3 only; None when none verifies)."""
-    from xtok.tokens import TokenBytes
-
-    tb = TokenBytes.from_list([b if b else b"?" for b in byte_strings])
-    counts, ids, tier = decompose(student, tb, np.arange(len(byte_strings)), None, verified_only=True)
-    out, pos = [], 0
-    for c, t in zip(counts.tolist(), tier.tolist()):
-        out.append(ids[pos:pos + c] if t != _TIER["unmapped"] else None)
-        pos += c
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,37 +166,6 @@ def map_specials(teacher, student, overrides: dict | None = None) -> tuple[dict[
     return out, unmapped
 
 
-def matrix_stats(W, teacher, exact_mask: np.ndarray, tiers: dict, build_time_s: float | None = None) -> dict:
-    """The stats block of a projection file, computed from W's arrays, the teacher's token flags, the
-    rows counted as exact matches (`exact_mask`, bool [V_t]) and the per-tier row counts `tiers`."""
-    t_tb = teacher.token_bytes
-    V_t, V_s = W.shape
-    special = np.asarray(t_tb.is_special, bool)
-    text = ~special
-    n_text = int(text.sum())
-    dec_len = np.diff(W.decomp_offsets)
-    row_nnz = np.diff(W.indptr)
-    exact_n = int((exact_mask & text).sum())
-    multi = int(((dec_len > 1) & text).sum())
-    unm = np.nonzero(special & (row_nnz == 0))[0]
-    reached = np.unique(W.indices).size
-    return {
-        "teacher_vocab": V_t, "student_vocab": V_s,
-        "teacher_text_tokens": n_text, "teacher_special_tokens": int(special.sum()),
-        "exact": exact_n, "exact_pct": round(100.0 * exact_n / max(n_text, 1), 3),
-        "multi_token": multi, "multi_token_pct": round(100.0 * multi / max(n_text, 1), 3),
-        "single_token_nonexact": int(((dec_len == 1) & text & ~exact_mask).sum()),
-        "tiers": tiers,
-        "special_mapped": int((special & (row_nnz > 0)).sum()),
-        "special_unmapped": int(unm.size), "special_unmapped_names": [teacher.token_str(int(i)) for i in unm[:50]],
-        "empty_rows": int((row_nnz == 0).sum()),
-        "mean_decomposition_len": round(float(dec_len[text].mean()) if n_text else 0.0, 4),
-        "max_decomposition_len": int(dec_len.max()) if V_t else 0,
-        "student_coverage_pct": round(100.0 * reached / max(V_s, 1), 3),
-        "nnz": W.nnz, **({} if build_time_s is None else {"build_time_s": round(build_time_s, 3)}),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # the builder
 # --------------------------------------------------------------------------------------------
@@ -395,13 +186,13 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
     V_t, V_s = teacher.vocab_size, student.vocab_size
     t_tb = teacher.token_bytes
     row_col = np.full(V_t, -1, np.int64)
-    tier = np.full(V_t, _TIER["unmapped"], np.int8)
+    tier = np.full(V_t, TIER_INDEX["unmapped"], np.int8)
     dec_len = np.zeros(V_t, np.int64)
     bar = tqdm(total=V_t, desc=f"projection {teacher.name} -> {student.name}", unit="tok", disable=not progress,
                leave=False)
     if teacher.content_hash == student.content_hash and V_t == V_s:
         row_col[:] = np.arange(V_t)
-        tier[:] = _TIER["identity"]
+        tier[:] = TIER_INDEX["identity"]
         dec_len[:] = 1
         dec_ids = np.arange(V_t, dtype=np.int64)
         bar.update(V_t)
@@ -412,10 +203,10 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
                 if v is None:
                     row_col[t] = -1
                     dec_len[t] = 0
-                    tier[t] = _TIER["unmapped"]
+                    tier[t] = TIER_INDEX["unmapped"]
                 else:
                     row_col[t] = dec_ids[t] = sp[t]
-                    tier[t] = _TIER["special"]
+                    tier[t] = TIER_INDEX["special"]
             dec_ids = dec_ids[dec_len > 0]
     else:
         mask = canonical_student_mask(student)
@@ -423,16 +214,16 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         ex = lookup.lookup(t_tb)
         hit = ex >= 0
         row_col[hit] = ex[hit]
-        tier[hit] = _TIER["exact"]
+        tier[hit] = TIER_INDEX["exact"]
         dec_len[hit] = 1
         bar.update(int(hit.sum()))
         sp, _ = map_specials(teacher, student, special_map)
         for t, s in sp.items():
             row_col[t] = s
-            tier[t] = _TIER["special"]
+            tier[t] = TIER_INDEX["special"]
             dec_len[t] = 1
         bar.update(int(t_tb.is_special.sum()))
-        todo = np.nonzero((tier == _TIER["unmapped"]) & ~t_tb.is_special & (t_tb.lengths > 0))[0]
+        todo = np.nonzero((tier == TIER_INDEX["unmapped"]) & ~t_tb.is_special & (t_tb.lengths > 0))[0]
         counts, flat, dtier = decompose(student, t_tb, todo, lookup, batch_size=batch_size, progress=bar)
         dec_len[todo] = counts
         tier[todo] = dtier
@@ -443,7 +234,7 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         offs_tmp = np.zeros(V_t + 1, np.int64)
         np.cumsum(dec_len, out=offs_tmp[1:])
         dec_ids = np.empty(int(offs_tmp[-1]), np.int64)
-        single = np.isin(tier, (_TIER["exact"], _TIER["special"]))
+        single = np.isin(tier, (TIER_INDEX["exact"], TIER_INDEX["special"]))
         dec_ids[offs_tmp[:-1][single]] = row_col[single]
         rows_multi, lens = todo[has], counts[has]
         dst = np.repeat(offs_tmp[rows_multi] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
@@ -461,7 +252,7 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         W = cut(W, top_k=top_k, min_weight=min_weight, normalize=normalize)
     elapsed = time.perf_counter() - t0
     tier_counts = {n: int((tier == i).sum()) for i, n in enumerate(TIERS) if (tier == i).any()}
-    exact_mask = (tier == _TIER["exact"]) | ((tier == _TIER["identity"]) & ~t_tb.is_special)
+    exact_mask = (tier == TIER_INDEX["exact"]) | ((tier == TIER_INDEX["identity"]) & ~t_tb.is_special)
     stats = matrix_stats(W, teacher, exact_mask, tier_counts, elapsed)
     W.meta.update({
         "teacher_name": teacher.name, "teacher_hash": teacher.content_hash, "teacher_vocab": str(V_t),
@@ -472,22 +263,6 @@ def build_projection(teacher, student, *, top_k: int | None = None, normalize: b
         "stats": stats,
     })
     return W
-
-
-def format_stats(stats: dict) -> str:
-    s = stats
-    lines = [
-        f"teacher vocab {s['teacher_vocab']:,}  student vocab {s['student_vocab']:,}",
-        f"exact matches  {s['exact']:,} ({s['exact_pct']:.2f}% of {s['teacher_text_tokens']:,} text tokens)",
-        f"multi-token    {s['multi_token']:,} ({s['multi_token_pct']:.2f}%), mean decomposition length "
-        f"{s['mean_decomposition_len']:.3f}, max {s['max_decomposition_len']}",
-        f"specials       {s['special_mapped']} mapped, {s['special_unmapped']} unmapped"
-        + (f" (e.g. {', '.join(s['special_unmapped_names'][:8])})" if s['special_unmapped'] else ""),
-        "tiers          " + ", ".join(f"{k}={v:,}" for k, v in s["tiers"].items()),
-        f"nnz {s['nnz']:,}  empty rows {s['empty_rows']:,}  student coverage {s['student_coverage_pct']:.2f}%  "
-        f"build time {s['build_time_s']:.2f}s",
-    ]
-    return "\n".join(lines)
 
 
 def make_build_command(name: str = "build"):

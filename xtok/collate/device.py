@@ -94,7 +94,7 @@ class OnlineTeacher:
             del hidden, out
             r = teacher_targets(h, self.head.weight, ids[rb, rt + 1], vocab_size=self.vocab_size, top_k=self.top_k,
                                 bias=self.head.bias, temperature=self.temperature, softcap=self.head.softcap,
-                                logit_scale=self.head.scale)
+                                logit_scale=self.head.scale, out_device=None)
         row_of = torch.full((B, Tt), -1, dtype=torch.long, device=dev)
         row_of[rb, rt] = torch.arange(rb.numel(), device=dev)
         # KL targets: the teacher's top-k at each target position, projected into student ids

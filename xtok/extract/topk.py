@@ -30,7 +30,8 @@ def output_logits(h, w, b, logit_scale: float = 1.0, softcap: float | None = Non
 def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, word_start=None, bias=None,
                     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                     top_p: float | None = None,
-                    sample_tail: int = 0, uniforms=None, chunk_rows: int | None = None, chunk_bytes: int = 256 << 20):
+                    sample_tail: int = 0, uniforms=None, chunk_rows: int | None = None, chunk_bytes: int = 256 << 20,
+                    out_device="cpu"):
     """Teacher statistics for N output positions, computed in chunks of positions on hidden's device.
 
     hidden [N, D] (final hidden states at the positions), weight [V_model, D] (output layer), targets
@@ -38,7 +39,8 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
     padding and are excluded from the softmax), logits = softcap(logit_scale * (hidden @ weight.T + bias)) /
     temperature, word_start bool [vocab_size], uniforms [N, m] in
     [0, 1) for the sampled tail (inverse-CDF sampling, so results depend only on the uniforms).
-    Returns CPU tensors: topk_ids int32 [N, k], topk_logprobs float32 [N, k] (descending, normalised
+    Returns tensors on `out_device` (default the CPU, what a store writer needs; None: hidden's device,
+    what a live teacher needs): topk_ids int32 [N, k], topk_logprobs float32 [N, k] (descending, normalised
     by the exact full-vocab log-sum-exp), n_kept int64 [N] (top-p), tail_mass float32 [N] (exact,
     from the log-sum-exp of the tail), target_logprob float32 [N], word_start_mass float32 [N],
     tail_ids int32 [N, m] (-1 when the tail is empty).
@@ -49,6 +51,7 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
     k = min(int(top_k), V)
     m = int(sample_tail)
     dev = hidden.device
+    out_dev = dev if out_device is None else torch.device(out_device)
     if chunk_rows is None:
         chunk_rows = max(1, int(chunk_bytes // (V * 4 * 5)))
     w = weight[:V]
@@ -60,7 +63,7 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
         # the chunk's logits are passed, not held here: the [n, V] buffer is freed before the next chunk's
         part = _chunk_targets(_scaled_logits(hidden[s: s + chunk_rows], w, b, logit_scale, softcap, temperature),
                               targets[s: s + chunk_rows], k, ws, top_p,
-                              uniforms[s: s + chunk_rows] if m else None)
+                              uniforms[s: s + chunk_rows] if m else None, out_dev)
         for n, v in part.items():
             out[n].append(v)
     res = {}
@@ -68,11 +71,13 @@ def teacher_targets(hidden, weight, targets, *, vocab_size: int, top_k: int, wor
         if parts:
             res[n] = torch.cat(parts)
     if "tail_ids" not in res:
-        res["tail_ids"] = torch.zeros((N, 0), dtype=torch.int32)
+        res["tail_ids"] = torch.zeros((N, 0), dtype=torch.int32, device=out_dev)
     if N == 0:
-        res = {"topk_ids": torch.zeros((0, k), dtype=torch.int32), "topk_logprobs": torch.zeros((0, k)),
-               "n_kept": torch.zeros(0, dtype=torch.long), "tail_mass": torch.zeros(0), "target_logprob": torch.zeros(0),
-               "word_start_mass": torch.zeros(0), "tail_ids": torch.zeros((0, m), dtype=torch.int32)}
+        z = dict(device=out_dev)
+        res = {"topk_ids": torch.zeros((0, k), dtype=torch.int32, **z), "topk_logprobs": torch.zeros((0, k), **z),
+               "n_kept": torch.zeros(0, dtype=torch.long, **z), "tail_mass": torch.zeros(0, **z),
+               "target_logprob": torch.zeros(0, **z), "word_start_mass": torch.zeros(0, **z),
+               "tail_ids": torch.zeros((0, m), dtype=torch.int32, **z)}
     return res
 
 
@@ -83,9 +88,9 @@ def _scaled_logits(h, w, b, logit_scale, softcap, temperature):
     return logits
 
 
-def _chunk_targets(logits, tgt, k: int, ws, top_p, uniforms) -> dict:
+def _chunk_targets(logits, tgt, k: int, ws, top_p, uniforms, out_dev) -> dict:
     """teacher_targets' statistics of one chunk of positions from its logits [n, V] (consumed: exp in
-    place) as CPU tensors; 'tail_ids' only when uniforms [n, m] are given."""
+    place) as tensors on out_dev; 'tail_ids' only when uniforms [n, m] are given."""
     import torch
 
     V = logits.shape[1]
@@ -120,17 +125,17 @@ def _chunk_targets(logits, tgt, k: int, ws, top_p, uniforms) -> dict:
         total = cdf[:, -1:]
         tid = torch.searchsorted(cdf, (u * total).contiguous(), right=True).clamp(max=V - 1)
         tid = torch.where(total > 0, tid, torch.full_like(tid, -1))
-        out["tail_ids"] = tid.to(torch.int32).cpu()
+        out["tail_ids"] = tid.to(torch.int32).to(out_dev)
         del cdf
     del logits, probs
     lp = torch.where(kept, lp, torch.full_like(lp, -math.inf))
     ids = torch.where(kept, ids, torch.full_like(ids, -1))
-    out["topk_ids"] = ids.to(torch.int32).cpu()
-    out["topk_logprobs"] = lp.cpu()
-    out["n_kept"] = n_kept.cpu()
-    out["tail_mass"] = tail_mass.cpu()
-    out["target_logprob"] = tlp.cpu()
-    out["word_start_mass"] = wsm.float().cpu()
+    out["topk_ids"] = ids.to(torch.int32).to(out_dev)
+    out["topk_logprobs"] = lp.to(out_dev)
+    out["n_kept"] = n_kept.to(out_dev)
+    out["tail_mass"] = tail_mass.to(out_dev)
+    out["target_logprob"] = tlp.to(out_dev)
+    out["word_start_mass"] = wsm.float().to(out_dev)
     return out
 
 
