@@ -81,7 +81,8 @@ col = CrossTokenizerCollator("mistral-common:tokenizer.model.v1",
 agg = MultiTeacherLossAggregator({"live": TeacherLoss(weight=1.0, chunk_weight=0.3)}, sft_weight=0.5)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=1, learning_rate=0.5, optim="sgd",
                          lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1e9, report_to=[], use_cpu=True,
-                         seed=0, data_seed=0, save_strategy="no", disable_tqdm=True, ddp_backend="gloo",
+                         seed=0, data_seed=0, save_strategy="no", disable_tqdm=True,
+                         ddp_backend="gloo" if "WORLD_SIZE" in __import__("os").environ else None,
                          dataloader_num_workers=0)
 tr = DistillationTrainer(model=student, args=args, train_dataset=rows, data_collator=col, aggregator=agg)
 tr.train()
@@ -145,5 +146,6 @@ def test_extract_two_ranks_equals_one(teacher, tmp_path, shakespeare_text):
     for key in one.keys():
         a, b = one[key], two[key]
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.topk_ids, b.topk_ids)
-        assert np.allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-6)
-        assert np.array_equal(a.tail_mass, b.tail_mass)
+        # other batch compositions on the two ranks (padding, batch size): float32 rounding only
+        assert np.allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+        assert np.allclose(a.tail_mass, b.tail_mass, rtol=1e-5, atol=1e-7)

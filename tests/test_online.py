@@ -143,7 +143,7 @@ def test_online_spec_errors_and_pickling(setup):
     with pytest.raises(ValueError, match="exactly one of"):
         TeacherSpec("t", TEKKEN, str(d / "text_store"), str(d / "W.safetensors"), model=model)
     with pytest.raises(ValueError, match="projection= is required"):
-        TeacherSpec("t", TEKKEN, model=model)
+        CrossTokenizerCollator(MISTRAL_SPM, [TeacherSpec("t", TEKKEN, model=model)])
     spec = TeacherSpec("t", TEKKEN, projection=str(d / "W.safetensors"), model=model, top_k=16)
     col = CrossTokenizerCollator(MISTRAL_SPM, [spec], max_length=64)
     blob = pickle.dumps(col)  # what DataLoader workers get: no model weights

@@ -71,9 +71,6 @@ class TeacherSpec:
         if (self.store is None) == (self.model is None):
             raise ValueError(f"TeacherSpec {self.name!r}: give exactly one of store= (an `xtok extract` store: offline) "
                              "or model= (a causal LM run during training: online).")
-        if self.projection is None:
-            raise ValueError(f"TeacherSpec {self.name!r}: projection= is required (the W file of `xtok build-projection "
-                             "--teacher T --student S`).")
         if self.model is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
             raise ValueError(f"TeacherSpec {self.name!r}: top_k must be an int >= 1, got {self.top_k!r}.")
         if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
@@ -141,6 +138,9 @@ class TeacherSpec:
 
     def projector(self, student: Tokenizer) -> "RowProjector":
         """The (lazily loaded) projection W, wrapped for the collator."""
+        if self.projection is None:
+            raise ValueError(f"TeacherSpec {self.name!r}: projection= is required (the W file of `xtok build-projection "
+                             "--teacher T --student S`).")
         if self._proj is None:
             proj = self.projection
             if not _is_loaded(proj):
