@@ -98,6 +98,7 @@ class CrossTokenizerCollator:
         self.text_column, self.messages_column, self.key_column = text_column, messages_column, key_column
         self.row_format = RowFormat(text_column, messages_column, key_column)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.keep_rows = False  # also return the rows themselves (batch["rows"]): on-policy training needs them
         if validate:
             for t in self.teachers:
                 if not t.online:
@@ -184,11 +185,14 @@ class CrossTokenizerCollator:
 
     # -- batch -------------------------------------------------------------------------------
     def __call__(self, rows: Sequence) -> dict:
-        return self.collate(rows, [self.tokenize(r) for r in rows])
+        out = self.collate(rows, [self.tokenize(r) for r in rows])
+        if self.keep_rows:
+            out["rows"] = list(rows)
+        return out
 
-    def collate(self, rows: Sequence, xs: Sequence[StudentExample]) -> dict:
+    def collate(self, rows: Sequence, xs: Sequence[StudentExample], teachers: Sequence[TeacherSpec] | None = None) -> dict:
         """The batch of `rows` whose student side is already tokenised (`xs`, e.g. a student's own
-        samples with labels on the generated tokens only); the teachers read `rows`."""
+        samples with labels on the generated tokens only); the teachers (default: all) read `rows`."""
         import torch
 
         B = len(xs)
@@ -213,7 +217,7 @@ class CrossTokenizerCollator:
         stats: dict[str, Any] = {"examples": B, "tokens": int(attn.sum()),
                                  "label_tokens": int((labels != IGNORE_INDEX).sum()),
                                  "truncated": int(sum(x.truncated for x in xs))}
-        for t in self.teachers:
+        for t in (self.teachers if teachers is None else teachers):
             ts = dict.fromkeys(_TEACHER_COUNTERS, 0)
             ts["examples"] = B
             if t.online:

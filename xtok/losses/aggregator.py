@@ -61,7 +61,10 @@ class MultiTeacherLossAggregator(nn.Module):
         self.renormalize_absent, self.chunk_size = renormalize_absent, chunk_size
         self.check_temperature = bool(check_temperature)
 
-    def forward(self, student, batch: Mapping, num_items=None):
+    def forward(self, student, batch: Mapping, num_items=None, sft: bool = True):
+        """(loss, logs) of `student` (logits or (hidden, lm_head_weight)) on a collator batch; num_items:
+        the normaliser D (default: the batch's trained label tokens); sft=False leaves the SFT term out
+        (e.g. a batch of the student's own samples)."""
         student = limit_vocab(student, batch.get("student_vocab_size"), "MultiTeacherLossAggregator")
         x = student_tensor(student)
         dev = x.device
@@ -78,9 +81,12 @@ class MultiTeacherLossAggregator(nn.Module):
                         tbs[n], f"MultiTeacherLossAggregator, teacher {n!r}",
                         "configure it as TeacherLoss(..., kl=CrossTokenizerKLLoss(..., tau={t}))")
         factor = self._absent_factors(present, names, B, dev)
-        tok_rows, tok_ids, groups, sft_n, kl_meta, chunk_meta = self._items(labels, batch, tbs, names, T, dev)
+        sft_weight = self.sft_weight if sft else 0.0
+        tok_rows, tok_ids, groups, sft_n, kl_meta, chunk_meta = self._items(labels, batch, tbs, names, T, dev,
+                                                                           sft_weight)
         outs = run_rows(student, tok_rows, tok_ids, groups, self.chunk_size)
-        return self._combine(outs[0], outs[1:], labels, present, factor, names, sft_n, kl_meta, chunk_meta, num_items)
+        return self._combine(outs[0], outs[1:], labels, present, factor, names, sft_n, kl_meta, chunk_meta, num_items,
+                             sft_weight)
 
     def _absent_factors(self, present, names, B: int, dev):
         """Per-example factor f_b of the teacher terms (renormalize_absent; 1 otherwise), float64 [B]."""
@@ -92,12 +98,12 @@ class MultiTeacherLossAggregator(nn.Module):
             return torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0)
         return torch.ones(B, dtype=torch.float64, device=dev)
 
-    def _items(self, labels, batch, tbs, names, T: int, dev):
+    def _items(self, labels, batch, tbs, names, T: int, dev, sft_weight: float):
         """The token items (SFT first, then each teacher's chunk tokens) and the KL groups, with where
         each component's values sit in the engine's outputs."""
         tok_rows, tok_ids, groups = [], [], []
         sft_n = 0
-        if self.sft_weight != 0.0:
+        if sft_weight != 0.0:
             r, t, _ = sft_items(labels)
             tok_rows.append(r); tok_ids.append(t); sft_n = r.numel()
         kl_meta, chunk_meta = {}, {}
@@ -118,7 +124,8 @@ class MultiTeacherLossAggregator(nn.Module):
         ti = torch.cat(tok_ids) if tok_ids else no_rows(dev)
         return tr, ti, groups, sft_n, kl_meta, chunk_meta
 
-    def _combine(self, tok_lp, kl_vals, labels, present, factor, names, sft_n, kl_meta, chunk_meta, num_items):
+    def _combine(self, tok_lp, kl_vals, labels, present, factor, names, sft_n, kl_meta, chunk_meta, num_items,
+                 sft_weight: float):
         """(loss, logs) from the engine's outputs: weighted, normalised components."""
         dev = labels.device
         with torch.autocast(dev.type, enabled=False):
@@ -128,10 +135,10 @@ class MultiTeacherLossAggregator(nn.Module):
             per = self.normalize == "per_component"
             total = tok_lp.sum() * 0.0 + sum(v.sum() * 0.0 for v in kl_vals)  # keeps the graph when empty
             logs = {"tokens": n_tok.detach()}
-            if self.sft_weight != 0.0:
+            if sft_weight != 0.0:
                 ce = -tok_lp[:sft_n]
                 sft = ce.sum() / (max(sft_n, 1) if per else D)
-                total = total + self.sft_weight * sft
+                total = total + sft_weight * sft
                 logs["sft"] = sft.detach()
             for i, n in enumerate(names):
                 cfg = self.teachers[n]
