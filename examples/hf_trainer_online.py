@@ -105,7 +105,8 @@ def main(argv=None):
                               gradient_accumulation_steps=2, learning_rate=3e-3, lr_scheduler_type="cosine",
                               warmup_steps=2, logging_steps=max(1, args.steps // 4), save_strategy="no",
                               report_to=[], dataloader_num_workers=args.workers, use_cpu=not torch.cuda.is_available(),
-                              ddp_backend=None if torch.cuda.is_available() else "gloo", disable_tqdm=True)
+                              ddp_backend="gloo" if "WORLD_SIZE" in os.environ and not torch.cuda.is_available() else None,
+                              disable_tqdm=True)
     trainer = DistillationTrainer(model=student, args=targs, train_dataset=rows, data_collator=collator,
                                   aggregator=aggregator)
     trainer.train()

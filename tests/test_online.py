@@ -367,3 +367,23 @@ def test_trainer_with_a_real_pretrained_online_teacher(tmp_path):
         after = float(agg(student(input_ids=fixed["input_ids"]).logits, fixed)[0])
     assert np.isfinite(after) and after < before, (before, after)
     assert fixed["stats"]["stories"]["present"] == 4 and fixed["stats"]["stories"]["targets"] > 100
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    """examples/hf_trainer_online.py end to end (build-projection and extract through the CLI, a stored and a
+    live teacher, DistillationTrainer with a DataLoader worker), a few steps; runs without ../shared/assets
+    (a stand-in live teacher) and with them (stories260K)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(repo / "examples" / "hf_trainer_online.py"), "--steps", "2", "--rows", "8",
+                        "--workdir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, cwd=repo)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    import ast
+
+    logs = [ast.literal_eval(line) for line in r.stdout.splitlines() if line.startswith("{'loss'") and "'step'" in line]
+    assert len(logs) == 2 and all(np.isfinite(h["loss"]) and "kl/online" in h and "kl/stored" in h for h in logs)
