@@ -165,10 +165,10 @@ class TeacherStore:
 
     def _damaged(self, s: int, why: str, key: str | None = None, group: int | None = None) -> DamagedShardError:
         f = self._files[s]
-        what = (f"cannot read example {key!r}" + (f" (row group {group})" if group is not None else "")
-                if key is not None else "cannot open this shard")
+        what = (f"cannot read example {key!r}" + (f" (row group {group})" if group is not None else "") + ": "
+                if key is not None else "")
         return DamagedShardError(
-            f"{self.path}/{f}: {what}: {why}. The shard is damaged: delete it and re-run the same `xtok extract` "
+            f"{self.path}/{f}: {what}{why}. The shard is damaged: delete it and re-run the same `xtok extract` "
             f"command (it rewrites missing shards and keeps the others); `xtok inspect --verify {self.path}` "
             "checks every shard.", f, key)
 
