@@ -291,7 +291,7 @@ def test_bad_input_clear_errors(tmp_path, model_dir):
     cases.append((_cli_args(model_dir, ds, out), ["row 1", "'text' is empty", "--skip-empty"]))
     bad = tmp_path / "broken.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": \x00\xff not json\n')
-    cases.append((_cli_args(model_dir, bad, out), ["broken.jsonl", "cannot read"]))
+    cases.append((_cli_args(model_dir, bad, out), [f"{bad} line 2 is not valid UTF-8 (byte 0xff", "--skip-bad-rows"]))
     cases.append((_cli_args(model_dir, tmp_path / "missing.jsonl", out), ["missing.jsonl", "no such file"]))
     small = _make_model(tmp_path / "small", 1000)
     ds = _jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
