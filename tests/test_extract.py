@@ -291,7 +291,7 @@ def test_bad_input_clear_errors(tmp_path, model_dir):
     cases.append((_cli_args(model_dir, ds, out), ["row 1", "'text' is empty", "--skip-empty"]))
     bad = tmp_path / "broken.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": \x00\xff not json\n')
-    cases.append((_cli_args(model_dir, bad, out), ["broken.jsonl", "cannot read"]))
+    cases.append((_cli_args(model_dir, bad, out), [f"{bad} line 2 is not valid UTF-8 (byte 0xff", "--skip-bad-rows"]))
     cases.append((_cli_args(model_dir, tmp_path / "missing.jsonl", out), ["missing.jsonl", "no such file"]))
     small = _make_model(tmp_path / "small", 1000)
     ds = _jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
@@ -957,3 +957,88 @@ def test_batches_budget_sorted_and_complete(seed):
     for b, nxt in zip(batches[:-1], batches[1:]):
         assert (len(b) + 1) * lengths[b].max() > budget
     assert (lengths[flat] == np.sort(lengths)[::-1]).all()
+
+
+def test_undecodable_and_empty_datasets(tmp_path, model_dir):
+    """Issue 14, item 2: a row that cannot be decoded is an error naming the file and the line (or, with
+    --skip-bad-rows, skipped and counted in the manifest); an empty dataset says it is empty."""
+    run = CliRunner().invoke
+    out = tmp_path / "out"
+    good = [json.dumps({"id": f"g{i}", "text": t}, ensure_ascii=False).encode() for i, t in enumerate(TEXTS[:4])]
+    # invalid UTF-8 inside a string (datasets loads it as is; reading the row would fail later)
+    d = tmp_path / "bad_utf8.jsonl"
+    d.write_bytes(b"\n".join([good[0], b"", good[1], b'{"id": "b", "text": "caf\xe9 au lait"}', good[2], good[3]])
+                  + b"\n")
+    r = run(cli, _cli_args(model_dir, d, out))
+    _assert_clean_failure(r, [f"{d} line 4 (dataset row 2) holds text that is not valid UTF-8", "--skip-bad-rows"], out)
+    r = run(cli, _cli_args(model_dir, d, out, "--skip-bad-rows"))
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["stats"]["undecodable"] == 1 and TeacherStore(out).keys() == ["g0", "g1", "g2", "g3"]
+    # the kept rows are the clean file's: the same fingerprint and examples
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(b"\n".join(good) + b"\n")
+    assert run(cli, _cli_args(model_dir, clean, tmp_path / "ref")).exit_code == 0
+    ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert man["dataset_fingerprint"] == ref["dataset_fingerprint"] and ref["stats"]["undecodable"] == 0
+    a, b = TeacherStore(out), TeacherStore(tmp_path / "ref")
+    assert all(np.array_equal(a[k].topk_ids, b[k].topk_ids) for k in a.keys())
+    # lines that are not JSON objects / not JSON / not UTF-8 outside a string: the whole load fails
+    for name, line, why in (("notobj", b"[1, 2]", "line 3 is a JSON list, not an object"),
+                            ("syntax", b'{"id": "s", "text": "unterminated', "line 3 is not valid JSON"),
+                            ("raw", b'{"id": "r", \xff "text": "x"}', "line 3 is not valid UTF-8 (byte 0xff")):
+        d = tmp_path / f"{name}.jsonl"
+        d.write_bytes(b"\n".join([good[0], good[1], line, good[2]]) + b"\n")
+        o = tmp_path / f"o_{name}"
+        _assert_clean_failure(run(cli, _cli_args(model_dir, d, o)), [f"{d} {why}", "--skip-bad-rows"], o)
+        r = run(cli, _cli_args(model_dir, d, o, "--skip-bad-rows"))
+        assert r.exit_code == 0, r.output
+        assert json.loads((o / "manifest.json").read_text())["stats"]["undecodable"] == 1
+        assert TeacherStore(o).keys() == ["g0", "g1", "g2"]
+    # a chat row with a bad byte inside a message
+    d = tmp_path / "chat.jsonl"
+    d.write_bytes(b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+                  b'{"messages": [{"role": "user", "content": "h\xffi"}, {"role": "assistant", "content": "no"}]}\n')
+    _assert_clean_failure(run(cli, _cli_args(model_dir, d, out / "x")),
+                          [f"{d} line 2 (dataset row 1) holds text that is not valid UTF-8"], out / "x")
+    # empty: a file with no bytes, one of only blank lines, a folder of empty files
+    for name, data in (("empty.jsonl", b""), ("blank.jsonl", b"\n  \n\n")):
+        (tmp_path / name).write_bytes(data)
+        _assert_clean_failure(run(cli, _cli_args(model_dir, tmp_path / name, out / "e")),
+                              [f"--dataset {tmp_path / name}: the file is empty (no rows)"], out / "e")
+    (tmp_path / "ef").mkdir()
+    for n in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "ef" / n).write_bytes(b"")
+    _assert_clean_failure(run(cli, _cli_args(model_dir, tmp_path / "ef", out / "e")),
+                          ["all its 2 files are empty (no rows)"], out / "e")
+    # an empty file next to others is just no rows
+    (tmp_path / "ef" / "c.jsonl").write_bytes(good[0] + b"\n")
+    assert run(cli, _cli_args(model_dir, tmp_path / "ef", out / "e")).exit_code == 0
+
+
+def test_resume_with_the_dataset_path_spelled_differently(tmp_path, model_dir, monkeypatch):
+    """Issue 14, item 4: the fingerprint decides; a relative or absolute spelling of the same file
+    resumes (and re-runs) the store, whose manifest keeps its bytes."""
+    rows = [{"id": f"r{i}", "text": TEXTS[i % len(TEXTS)]} for i in range(6)]
+    _jsonl(tmp_path / "big.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    args = ["--shard-size", "2", "--token-budget", "64"]
+    r = CliRunner().invoke(cli, _cli_args(model_dir, "./big.jsonl", tmp_path / "s", *args))
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "s" / "manifest.json").read_bytes()
+    for spelling in (str(tmp_path / "big.jsonl"), "big.jsonl", "../" + tmp_path.name + "/big.jsonl"):
+        r = CliRunner().invoke(cli, _cli_args(model_dir, spelling, tmp_path / "s", *args))
+        assert r.exit_code == 0, (spelling, r.output)
+        assert (tmp_path / "s" / "manifest.json").read_bytes() == before
+    # a resume after losing a shard, with another spelling: the shard is redone, the manifest is the same
+    (tmp_path / "s" / "shards" / "r000of001-00001.parquet").unlink()
+    (tmp_path / "s" / "manifest.json").unlink()
+    r = CliRunner().invoke(cli, _cli_args(model_dir, str(tmp_path / "big.jsonl"), tmp_path / "s", *args))
+    assert r.exit_code == 0, r.output
+    man, ref = json.loads((tmp_path / "s" / "manifest.json").read_bytes()), json.loads(before)
+    assert man["dataset"] == "./big.jsonl" and man["dataset_fingerprint"] == ref["dataset_fingerprint"]
+    assert [s["keys"] for s in man["shards"]] == [s["keys"] for s in ref["shards"]]
+    # other content under the same name is refused
+    _jsonl(tmp_path / "big.jsonl", rows[:5])
+    r = CliRunner().invoke(cli, _cli_args(model_dir, "./big.jsonl", tmp_path / "s", *args))
+    assert r.exit_code != 0 and "dataset_fingerprint" in r.output

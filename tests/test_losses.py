@@ -853,3 +853,63 @@ def test_non_contiguous_inputs_are_never_copied_in_full(kind):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_out_of_range_ids_are_clear_errors(fused):
+    """Issue 14, item 5: a target id / chunk token / label outside the student's vocabulary is a
+    ValueError naming the component, the example and the position (not an IndexError from the engine,
+    or a device-side assert on CUDA); padding (prob 0, label -100) is not an id and passes."""
+    B, T, V, H = 2, 10, 40, 8
+    batch = make_batch(B, T, V, 3)
+    g = torch.Generator().manual_seed(0)
+    if fused:
+        student = (torch.randn(B, T, H, generator=g, dtype=D64), torch.randn(V, H, generator=g, dtype=D64))
+    else:
+        student = torch.randn(B, T, V, generator=g, dtype=D64)
+    tb = batch["teachers"]["a"]
+    # a clean batch works, also with padded entries whose id is out of range but whose prob is 0
+    pad = tb["target_probs"] == 0
+    assert bool(pad.any())
+    clean = dict(tb, target_ids=torch.where(pad, torch.full_like(tb["target_ids"], V + 7), tb["target_ids"]))
+    ok = CrossTokenizerKLLoss()(student, clean)
+    assert torch.isfinite(ok)
+    # a target id >= V with a probability
+    bad = {k: v.clone() for k, v in tb.items()}
+    b, p = [int(x) for x in (bad["mask"] & bad["present"][:, None]).nonzero()[1]]
+    bad["target_ids"][b, p, 0], bad["target_probs"][b, p, 0] = V + 3, 0.2
+    pos = int(bad["positions"][b, p])
+    with pytest.raises(ValueError, match=rf"CrossTokenizerKLLoss: target id {V + 3} of example {b} \(target {p}, "
+                                         rf"student position {pos}\) is outside the student's vocabulary \[0, {V}\).*"
+                                         r"xtok build-projection --student"):
+        CrossTokenizerKLLoss()(student, bad)
+    agg = MultiTeacherLossAggregator({"a": 1.0, "b": 0.5}, sft_weight=1.0)
+    with pytest.raises(ValueError, match=rf"MultiTeacherLossAggregator, teacher 'a' \(KL\): target id {V + 3}"):
+        agg(student, dict(batch, teachers={"a": bad, "b": batch["teachers"]["b"]}))
+    # negative ids with a probability are not padding either
+    neg = {k: v.clone() for k, v in tb.items()}
+    neg["target_ids"][b, p, 0], neg["target_probs"][b, p, 0] = -1, 0.2
+    with pytest.raises(ValueError, match=r"target id -1 of example"):
+        CrossTokenizerKLLoss()(student, neg)
+    # vocab_size limits the student: ids between vocab_size and the output rows are out of range too
+    lim = {k: v.clone() for k, v in tb.items()}
+    lim["target_ids"][b, p, 0], lim["target_probs"][b, p, 0] = V - 1, 0.2
+    with pytest.raises(ValueError, match=rf"target id {V - 1} .*\[0, {V - 2}\)"):
+        CrossTokenizerKLLoss()(student, lim, vocab_size=V - 2)
+    # labels and chunk tokens
+    labels = batch["labels"].clone()
+    labels[1, 4] = V
+    with pytest.raises(ValueError, match=rf"SFTLoss: label {V} at example 1, position 4 is outside the student's "
+                                         rf"vocabulary \[0, {V}\) .*\(and not the ignore index -100\)"):
+        SFTLoss()(student, labels)
+    with pytest.raises(ValueError, match=r"MultiTeacherLossAggregator \(SFT\): label"):
+        agg(student, dict(batch, labels=labels))
+    ids = batch["input_ids"].clone()
+    s0 = int(tb["chunk_spans"][0, 0, 0])
+    tb0 = dict(tb, chunk_mask=tb["chunk_mask"].clone())
+    tb0["chunk_mask"][0, 0] = True
+    tb0["present"] = torch.ones(B, dtype=torch.bool)
+    ids[0, s0] = V + 1
+    with pytest.raises(ValueError, match=rf"ChunkLikelihoodLoss: input id {V + 1} at example 0, position {s0} "
+                                         r"\(inside a teacher chunk\) is outside"):
+        ChunkLikelihoodLoss()(student, tb0, ids)

@@ -983,3 +983,85 @@ def test_project_on_cuda(W_spm_tek):
         assert W.torch_csr().device.type == "cuda"
     finally:
         W.to("cpu")
+
+
+def _rewrite(path, out, edit_tensors=None, edit_meta=None):
+    """Rewrite a W file with safetensors directly (what a hand edit does), tensors/metadata changed."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(t)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(t, str(out), metadata=meta)
+    return out
+
+
+def test_edited_weights_are_refused_content_checksum(tmp_path, tiny_pair):
+    """Issue 14, item 3: a W whose values were changed after it was written does not load silently."""
+    T, S = tiny_pair
+    W = build_projection(T, S, progress=False)
+    path = W.save(tmp_path / "w.safetensors")
+    W1 = ProjectionMatrix.load(path, teacher=T, student=S)
+    assert W1.content_verified and "content_sha256" not in W1.meta
+    t_id = int(np.nonzero(np.diff(W1.indptr) == 1)[0][3])
+    ids, probs = W1.project(np.array([[t_id]]), np.array([[1.0]]))
+    assert abs(probs.sum() - 1.0) < 1e-6
+
+    def five(t):
+        t["values"][int(np.nonzero(t["indices"][0] == t_id)[0][0])] = 5.0
+
+    edited = _rewrite(path, tmp_path / "edited.safetensors", five)
+    with pytest.raises(ProjectionError, match=r"edited.safetensors: its content does not match the checksum recorded "
+                                              r"when it was written.*Rebuild it with `xtok build-projection`"):
+        ProjectionMatrix.load(edited)
+    # what it would have done: mass 5 out of 1
+    raw = ProjectionMatrix.load(edited, verify=False)
+    assert not raw.content_verified and abs(raw.project(np.array([[t_id]]), np.array([[1.0]]))[1].sum() - 5.0) < 1e-6
+    # a metadata edit (another student hash) is caught too
+    other = _rewrite(path, tmp_path / "meta.safetensors", edit_meta=lambda m: m.update(student_hash="0" * 64))
+    with pytest.raises(ProjectionError, match="does not match the checksum"):
+        ProjectionMatrix.load(other, check_hashes=False)
+    # an older file (no checksum): loads unverified, but its rows must still match options.normalize
+    old = _rewrite(path, tmp_path / "old.safetensors", edit_meta=lambda m: m.pop("content_sha256"))
+    Wold = ProjectionMatrix.load(old)
+    assert not Wold.content_verified and Wold.nnz == W1.nnz
+    old_edited = _rewrite(edited, tmp_path / "old_edited.safetensors", edit_meta=lambda m: m.pop("content_sha256"))
+    with pytest.raises(ProjectionError, match=rf"old_edited.safetensors: metadata options.normalize is true but 1 "
+                                              rf"non-empty rows do not sum to 1 \(teacher id {t_id} sums to 5\)"):
+        ProjectionMatrix.load(old_edited)
+    # an intended edit: re-saved (new checksum, normalize option off) it loads
+    raw.meta["options"]["normalize"] = False
+    raw.save(tmp_path / "resaved.safetensors")
+    assert ProjectionMatrix.load(tmp_path / "resaved.safetensors").content_verified
+    # the collator's tools refuse it too: a clean error from projection_tools.cut, nothing written
+    from projection_tools import cut as cut_mod
+
+    r = CliRunner().invoke(cut_mod.cli, [str(edited), "-o", str(tmp_path / "c.safetensors")])
+    assert r.exit_code != 0 and "does not match the checksum" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_written_files_get_the_default_mode(tmp_path, tiny_pair):
+    """Issue 14, item 5: W files get the mode of any new file (0o666 less the umask), as a store's do."""
+    from xtok.store import StoreWriter
+
+    T, S = tiny_pair
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "w.safetensors"
+        r = CliRunner().invoke(_cli(), ["build-projection", "-t", T.source, "-s", S.source, "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        w = StoreWriter(tmp_path / "s", {"model": "m", "vocab_size": 10, "top_k": 1})
+        w.finish()
+        modes = {p.name: os.stat(p).st_mode & 0o777 for p in (out, tmp_path / "s" / "manifest.json")}
+        assert modes == {"w.safetensors": 0o644, "manifest.json": 0o644}, modes
+        os.umask(0o027)
+        build_projection(T, S, progress=False).save(tmp_path / "w2.safetensors")
+        assert os.stat(tmp_path / "w2.safetensors").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

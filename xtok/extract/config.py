@@ -105,6 +105,9 @@ class ExtractConfig:
                                            "torchrun, else 0/1). Every rank writes its own shards; the last one to "
                                            "finish merges the manifest.", parse=parse_shard)
     skip_empty: bool = option(False, "Skip (and count) rows with empty text instead of failing.")
+    skip_bad_rows: bool = option(False, "Skip (and count, in the manifest's stats.undecodable) dataset rows that "
+                                 "cannot be decoded (text that is not UTF-8; a JSON lines row that is not a JSON "
+                                 "object) instead of failing.")
     overwrite: bool = option(False, "Replace a store made with different settings at --output.")
     max_vocab_padding: int = option(4096, "Largest accepted excess of model output rows over the tokenizer's "
                                     "vocabulary (padded embeddings; those ids are excluded).",

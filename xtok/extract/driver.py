@@ -25,7 +25,7 @@ import numpy as np
 
 from ..store import D_MAX, QSTEP, StoreError, StoreWriter, content_json, encode_example
 from .config import ExtractConfig, ExtractError, check_options
-from .dataset import read_dataset
+from .dataset import SKIP_HINT, describe_rows, read_dataset, undecodable_rows
 from .model import (OutputLayer, body_hidden, check_model_spec, check_output_layer, load_teacher, model_hash,
                     model_max_length, model_tokenizer, probe_ids, resolve_device)
 from .render import RenderedExample, RowRenderer
@@ -45,12 +45,16 @@ def extract(cfg: ExtractConfig, *, print_notes: bool = True) -> dict:
     check_model_spec(cfg.model)
 
     # -- dataset first (cheap checks before loading a model) ----------------------------------
-    ds = read_dataset(cfg.dataset, cfg.split)
+    skipped_rows: dict = {}
+    ds = read_dataset(cfg.dataset, cfg.split, skip_bad_rows=cfg.skip_bad_rows, skipped=skipped_rows)
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
+    if len(ds) == 0:
+        raise ExtractError(f"--dataset {cfg.dataset}: is empty (0 rows). Point --dataset at a dataset with rows.")
+    bad = _undecodable(cfg, ds)
     tok = _load_tokenizer(cfg)
     rend = RowRenderer(tok, cfg, list(ds.column_names))
-    keys, rows_kept, fingerprint, n_dup, n_empty = _dataset_keys(cfg, ds, rend)
+    keys, rows_kept, fingerprint, n_dup, n_empty = _dataset_keys(cfg, ds, rend, bad)
     mine = list(range(rank, len(keys), world))
 
     # -- model ---------------------------------------------------------------------------------
@@ -77,11 +81,12 @@ def extract(cfg: ExtractConfig, *, print_notes: bool = True) -> dict:
         raise
     stats["duplicates"] = n_dup
     stats["empty"] = n_empty
+    stats["undecodable"] = skipped_rows.get("undecodable", 0) + len(bad)
     stats["max_length"] = max_len
     stats["model_max_length"] = model_max
     stats["max_length_note"] = cap_note
     stats["output_layer_probe_error"] = probe_err
-    man = writer.finish({k: stats[k] for k in ("duplicates", "empty")} if rank == 0 else None)
+    man = writer.finish({k: stats[k] for k in ("duplicates", "empty", "undecodable")} if rank == 0 else None)
     return {"manifest": man, "stats": stats, "rank": rank, "world": world}
 
 
@@ -182,14 +187,31 @@ def _load_tokenizer(cfg: ExtractConfig):
     return tok
 
 
-def _dataset_keys(cfg: ExtractConfig, ds, rend: RowRenderer):
+def _undecodable(cfg: ExtractConfig, ds) -> list[int]:
+    """The rows of ds that cannot be decoded (strings that are not UTF-8): an ExtractError naming the
+    first (file and line) unless --skip-bad-rows, which skips them."""
+    bad = undecodable_rows(ds)
+    if bad and not cfg.skip_bad_rows:
+        where = describe_rows(cfg.dataset, cfg.split, bad[:1])[bad[0]]
+        more = f" ({len(bad) - 1} more such rows)" if len(bad) > 1 else ""
+        raise ExtractError(f"--dataset {cfg.dataset}: {where} (dataset row {bad[0]}) holds text that is not valid "
+                           f"UTF-8{more}. Fix or remove it, or {SKIP_HINT}.")
+    return bad
+
+
+def _dataset_keys(cfg: ExtractConfig, ds, rend: RowRenderer, bad: list[int] = ()):
     """(keys, dataset row of each key, dataset fingerprint, duplicates dropped, empty rows skipped): every
-    row checked, keyed (example_key, or the content hash of a row without id fields) and de-duplicated
-    (first wins); the fingerprint hashes every kept key and content."""
+    row checked (but the `bad` ones, skipped), keyed (example_key, or the content hash of a row without
+    id fields) and de-duplicated (first wins); the fingerprint hashes every kept key and content."""
     kds = ds.select_columns(rend.key_columns(list(ds.column_names)))
     keys, rows_kept, seen, n_dup, n_empty = [], [], set(), 0, 0
     fph = hashlib.sha256()
-    for i, row in enumerate(kds):
+    rows = enumerate(kds)
+    if len(bad):
+        skip = set(bad)
+        good = [i for i in range(len(kds)) if i not in skip]
+        rows = zip(good, kds.select(good))
+    for i, row in rows:
         bad = rend.bad_type(row)
         if bad is None:
             empty = rend.is_empty(row)

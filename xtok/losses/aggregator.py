@@ -11,7 +11,7 @@ from torch import nn
 
 from .components import ChunkLikelihoodLoss, CrossTokenizerKLLoss
 from .engine import limit_vocab, run_rows, student_tensor
-from .items import IGNORE_INDEX, chunk_items, kl_items, no_rows, sft_items
+from .items import IGNORE_INDEX, chunk_items, kl_items, no_rows, sft_items, student_vocab
 
 
 @dataclass
@@ -83,7 +83,7 @@ class MultiTeacherLossAggregator(nn.Module):
         factor = self._absent_factors(present, names, B, dev)
         sft_weight = self.sft_weight if sft else 0.0
         tok_rows, tok_ids, groups, sft_n, kl_meta, chunk_meta = self._items(labels, batch, tbs, names, T, dev,
-                                                                           sft_weight)
+                                                                           sft_weight, student_vocab(student))
         outs = run_rows(student, tok_rows, tok_ids, groups, self.chunk_size)
         return self._combine(outs[0], outs[1:], labels, present, factor, names, sft_n, kl_meta, chunk_meta, num_items,
                              sft_weight)
@@ -98,13 +98,13 @@ class MultiTeacherLossAggregator(nn.Module):
             return torch.where(wp > 0, w.sum() / wp.clamp_min(1e-300), 0.0)
         return torch.ones(B, dtype=torch.float64, device=dev)
 
-    def _items(self, labels, batch, tbs, names, T: int, dev, sft_weight: float):
+    def _items(self, labels, batch, tbs, names, T: int, dev, sft_weight: float, V: int | None = None):
         """The token items (SFT first, then each teacher's chunk tokens) and the KL groups, with where
         each component's values sit in the engine's outputs."""
         tok_rows, tok_ids, groups = [], [], []
         sft_n = 0
         if sft_weight != 0.0:
-            r, t, _ = sft_items(labels)
+            r, t, _ = sft_items(labels, vocab_size=V, who="MultiTeacherLossAggregator (SFT)")
             tok_rows.append(r); tok_ids.append(t); sft_n = r.numel()
         kl_meta, chunk_meta = {}, {}
         off = sft_n
@@ -113,11 +113,13 @@ class MultiTeacherLossAggregator(nn.Module):
             if n not in tbs:
                 continue
             if cfg.weight != 0.0:
-                g, (b, _p) = kl_items(tbs[n], T, cfg.kl.spec, dev)
+                g, (b, _p) = kl_items(tbs[n], T, cfg.kl.spec, dev, vocab_size=V,
+                                      who=f"MultiTeacherLossAggregator, teacher {n!r} (KL)")
                 kl_meta[n] = (len(groups), b)
                 groups.append(g)
             if cfg.chunk_weight != 0.0:
-                r, t, chunk_of, (b, c) = chunk_items(tbs[n], batch["input_ids"].to(dev))
+                r, t, chunk_of, (b, c) = chunk_items(tbs[n], batch["input_ids"].to(dev), vocab_size=V,
+                                                     who=f"MultiTeacherLossAggregator, teacher {n!r} (chunks)")
                 chunk_meta[n] = (off, r.numel(), chunk_of, b, tbs[n]["chunk_teacher_logprob"].to(dev)[b, c])
                 tok_rows.append(r); tok_ids.append(t); off += r.numel()
         tr = torch.cat(tok_rows) if tok_rows else no_rows(dev)

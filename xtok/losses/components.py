@@ -12,7 +12,7 @@ from torch import nn
 
 from .divergences import CHUNK_VARIANTS, KL_VARIANTS, REVERSE_EPS, binary_divergence
 from .engine import KLSpec, limit_vocab, run_rows, student_tensor
-from .items import chunk_items, kl_items, no_rows, sft_items
+from .items import chunk_items, kl_items, no_rows, sft_items, student_vocab
 
 
 def _reduce(vals: torch.Tensor, reduction: str, index=None, shape=None):
@@ -92,7 +92,7 @@ class CrossTokenizerKLLoss(nn.Module):
         x = student_tensor(student)
         self.check_batch_temperature(teacher_batch)
         T = x.shape[1]
-        g, idx = kl_items(teacher_batch, T, self.spec, x.device)
+        g, idx = kl_items(teacher_batch, T, self.spec, x.device, vocab_size=student_vocab(student))
         _, vals = run_rows(student, no_rows(x.device), no_rows(x.device), [g], self.chunk_size)
         return _reduce(vals * self.scale, reduction or self.reduction, idx, teacher_batch["positions"].shape)
 
@@ -122,7 +122,8 @@ class ChunkLikelihoodLoss(nn.Module):
                 vocab_size: int | None = None):
         student = limit_vocab(student, vocab_size, "ChunkLikelihoodLoss")
         x = student_tensor(student)
-        rows, toks, chunk_of, (b, c) = chunk_items(teacher_batch, input_ids.to(x.device))
+        rows, toks, chunk_of, (b, c) = chunk_items(teacher_batch, input_ids.to(x.device),
+                                                   vocab_size=student_vocab(student))
         tok_lp, = run_rows(student, rows, toks, [], self.chunk_size)
         vals = self.from_token_logprobs(tok_lp, chunk_of, b.numel(),
                                         teacher_batch["chunk_teacher_logprob"].to(x.device)[b, c])
@@ -141,7 +142,7 @@ class SFTLoss(nn.Module):
         student = limit_vocab(student, vocab_size, "SFTLoss")
         x = student_tensor(student)
         labels = labels.to(x.device)
-        rows, toks, b = sft_items(labels)
+        rows, toks, b = sft_items(labels, vocab_size=student_vocab(student))
         tok_lp, = run_rows(student, rows, toks, [], self.chunk_size)
         T = labels.shape[1]
         return _reduce(-tok_lp, reduction or self.reduction, (b, rows - b * T), labels.shape)

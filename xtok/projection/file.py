@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ProjectionError", "ProjectionWriteError", "atomic_write", "check_writable",
-           "validate_tensors"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CHECKSUM_KEY", "ProjectionError", "ProjectionWriteError", "atomic_write",
+           "check_writable", "validate_tensors", "content_checksum", "check_content", "check_normalized",
+           "NORMALIZE_TOL"]
 
 FORMAT = "xtok-projection"
 FORMAT_VERSION = "1"
+CHECKSUM_KEY = "content_sha256"  # metadata: sha256 of the tensors and the other metadata (`content_checksum`)
+NORMALIZE_TOL = 1e-4             # |row sum - 1| allowed for a non-empty row of a W whose options say normalize
 
 # tensor -> (dtype, rank) of format_version 1 (docs/projection.md)
 _TENSOR_SPEC = {"indices": (np.int32, 2), "values": (np.float32, 1), "shape": (np.int64, 1),
@@ -84,14 +87,30 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def _new_file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the process umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     """Call `write_fn(tmp_path)` on a temp file next to `path`, fsync it, then rename it over `path`.
     Nothing is left behind if anything fails; OS errors (unwritable folder, disk full, file too large)
-    become a ProjectionWriteError naming `path`."""
+    become a ProjectionWriteError naming `path`. The file gets the mode of any new file (0o666 less the
+    umask, like a store's files), not the 0o600 of a temporary file."""
     path = Path(path)
     parent, tmp = _temp_beside(path, ".tmp")
     try:
         write_fn(tmp)
+        os.chmod(tmp, _new_file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -181,3 +200,58 @@ def validate_tensors(path: Path, t: dict, meta: dict):
         if lo < 0 or hi >= V_s:
             raise bad("tensor 'decomp_ids'", f"holds student ids in [{lo}, {hi}], outside [0, {V_s}) set by 'shape'")
     return (V_t, V_s), (off, ids)
+
+
+def content_checksum(tensors: dict, meta: dict) -> str:
+    """sha256 of a projection file's content: every tensor (name, dtype, shape, little-endian bytes) and
+    every metadata string but the checksum itself, in name order. Written by `save`, checked by `load`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        h.update(f"tensor\0{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(a.tobytes() if a.size == 0 or a.ndim == 0 else memoryview(a).cast("B"))
+    for k in sorted(meta):
+        if k != CHECKSUM_KEY:
+            h.update(f"meta\0{k}\0{meta[k]}\0".encode())
+    return h.hexdigest()
+
+
+def check_content(path: Path, t: dict, meta: dict) -> bool:
+    """Compare the file's recorded content checksum (metadata `content_sha256`) with its tensors and
+    metadata as read (raw strings, before `validate_tensors` parses them); ProjectionError on a mismatch.
+    False when the file records none (written before xtok recorded it): nothing to check."""
+    want = meta.get(CHECKSUM_KEY)
+    if want is None:
+        return False
+    got = content_checksum(t, meta)
+    if got != want:
+        raise ProjectionError(
+            f"{path}: its content does not match the checksum recorded when it was written (metadata "
+            f"{CHECKSUM_KEY} {want[:16]}…, content {got[:16]}…): weights or metadata were changed or corrupted "
+            "after it was saved. Rebuild it with `xtok build-projection`; if you edited it on purpose, load it "
+            "with ProjectionMatrix.load(path, verify=False) and save it again (`.save(path)` records a new "
+            "checksum).")
+    return True
+
+
+def check_normalized(path: Path, indices: np.ndarray, values: np.ndarray, n_rows: int, meta: dict):
+    """When the metadata's options say `normalize`, every non-empty row must sum to 1 (within
+    NORMALIZE_TOL): ProjectionError naming the worst row otherwise."""
+    opts = meta.get("options")
+    if not (isinstance(opts, dict) and opts.get("normalize") is True) or indices.shape[1] == 0:
+        return
+    rows = indices[0].astype(np.int64)
+    sums = np.bincount(rows, weights=values.astype(np.float64), minlength=n_rows)
+    nonempty = np.bincount(rows, minlength=n_rows) > 0
+    off = np.abs(sums - 1.0) > NORMALIZE_TOL
+    off &= nonempty
+    if off.any():
+        worst = int(np.argmax(np.where(off, np.abs(sums - 1.0), -1.0)))
+        raise ProjectionError(
+            f"{path}: metadata options.normalize is true but {int(off.sum())} non-empty rows do not sum to 1 "
+            f"(teacher id {worst} sums to {sums[worst]:.6g}): its weights were changed after it was built. "
+            "Rebuild it with `xtok build-projection`; if the edit is intended, renormalise it "
+            "(`python -m projection_tools.cut W -o W`) or set W.meta['options']['normalize'] = False and save it.")

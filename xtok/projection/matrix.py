@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .device import project_torch, torch_sparse_mm
-from .file import FORMAT, FORMAT_VERSION, ProjectionError, atomic_write, validate_tensors
+from .file import (CHECKSUM_KEY, FORMAT, FORMAT_VERSION, ProjectionError, atomic_write, check_content,
+                   check_normalized, content_checksum, validate_tensors)
 from .kernels import SparseW, project_rows_flat, sort_pad_rows, sparse_w
 
 __all__ = ["ProjectionMatrix"]
@@ -61,6 +62,7 @@ class ProjectionMatrix:
             raise ProjectionError("inconsistent decomposition arrays (decomp_offsets must have V_t + 1 "
                                   "non-decreasing entries from 0 to len(decomp_ids))")
         self.meta = dict(meta or {})
+        self.content_verified = False  # load() sets it: the file's content checksum was checked
         self.device = device
         self._torch_cache: dict = {}
         self._kernel_w: SparseW | None = None
@@ -283,7 +285,9 @@ class ProjectionMatrix:
         }
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
         for k, v in self.meta.items():
-            meta[k] = v if isinstance(v, str) else json.dumps(v)
+            if k != CHECKSUM_KEY:
+                meta[k] = v if isinstance(v, str) else json.dumps(v)
+        meta[CHECKSUM_KEY] = content_checksum(tensors, meta)  # checked by load
         data = st_save(tensors, metadata=meta)  # serialised here, written by Python I/O (real OSErrors)
 
         def write(tmp):
@@ -294,9 +298,13 @@ class ProjectionMatrix:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu", teacher=None, student=None,
-             check_hashes: bool = True) -> "ProjectionMatrix":
+             check_hashes: bool = True, verify: bool = True) -> "ProjectionMatrix":
         """Load a W saved by `save` / `xtok build-projection`. `teacher`/`student` (Tokenizer, spec or
-        content hash), when given and `check_hashes`, must be the tokenizers W was built for."""
+        content hash), when given and `check_hashes`, must be the tokenizers W was built for. `verify`:
+        the content checksum recorded at save time must match (files written before xtok recorded one
+        are not checked: `W.content_verified` is False) and, when the options say `normalize`, every
+        non-empty row must sum to 1; ProjectionError otherwise. verify=False loads an edited file as
+        it is (save it again to record a new checksum)."""
         path = Path(path)
         if not path.is_file():
             raise ProjectionError(f"{path}: no such projection file. Build one with `xtok build-projection "
@@ -316,14 +324,20 @@ class ProjectionMatrix:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ProjectionError(f"{path}: projection format version {meta.get('format_version')!r}, this xtok "
                                   f"reads {FORMAT_VERSION!r}; rebuild it with `xtok build-projection`.")
+        raw_meta = dict(meta)  # as stored: what the checksum covers (validate_tensors parses options/stats)
         meta.pop("format", None)
         meta.pop("format_version", None)
-        shape, decomp = validate_tensors(path, t, meta)
+        meta.pop(CHECKSUM_KEY, None)
+        shape, decomp = validate_tensors(path, t, meta)  # a malformed file: the field that breaks the format
+        verified = check_content(path, t, raw_meta) if verify else False  # a well-formed one changed since
+        if verify:
+            check_normalized(path, t["indices"], t["values"], shape[0], meta)
         try:
             W = cls.from_coo(t["indices"][0], t["indices"][1], t["values"], shape, decomp_offsets=decomp[0],
                              decomp_ids=decomp[1], meta=meta, device=device)
         except ProjectionError as e:
             raise ProjectionError(f"{path}: {e}; rebuild the file.") from e
+        W.content_verified = verified
         if check_hashes:
             W.check_tokenizers(teacher, student, path=path)
         return W

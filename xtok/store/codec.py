@@ -35,7 +35,8 @@ from numba import njit
 __all__ = ["FORMAT_VERSION", "D_MAX", "QSTEP", "ID_NONE", "TeacherExample", "PackedExample", "PackedRows",
            "quantize_logprobs", "dequantize_logprobs", "code_nats", "code_probs", "id_mode", "pack_ids",
            "unpack_ids", "positions_to_runs", "runs_to_positions", "encode_example", "decode_example",
-           "shard_schema", "column_bytes", "decode_row_into", "decode_rows"]
+           "shard_schema", "column_bytes", "decode_row_into", "decode_rows", "packed_size", "check_row",
+           "PACKED_COLUMNS"]
 
 FORMAT_VERSION = 1
 D_MAX = 20.0                           # nats below the top-1 covered by the grid
@@ -232,6 +233,47 @@ def column_bytes(cols: dict, name: str, i: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, count=int(off[i + 1] - off[i]), offset=int(off[i]))
 
 
+def packed_size(n: int, vocab_size: int) -> int:
+    """Bytes `pack_ids` makes of n ids of a vocabulary of vocab_size."""
+    mode = id_mode(vocab_size)
+    return 2 * n if mode == 0 else 2 * n + (n + 3) // 4 if mode == 1 else 4 * n
+
+
+# columns the collator's PackedExample reads (TeacherStore.packed); decode_example also reads text and
+# word_start_mass
+PACKED_COLUMNS = ("key", "n_tokens", "n_positions", "input_ids", "position_runs", "topk_ids", "topk_codes", "n_kept",
+                  "tail_mass", "target_logprob", "tail_ids", "tail_none")
+
+
+def check_row(cols: dict, i: int, k: int, m: int, vocab_size: int) -> tuple[int, int]:
+    """(T, P) of row i after checking that every column it has holds the bytes T, P, k, m and the id
+    packing call for (ValueError naming the column otherwise), so neither decoder reads past a buffer
+    or returns a short array from a damaged row."""
+    T = int(cols["n_tokens"][i].as_py())
+    P = int(cols["n_positions"][i].as_py())
+    if T < 0 or P < 0 or P > max(T, 1):
+        raise ValueError(f"n_tokens={T}, n_positions={P} are not possible")
+    want = {"input_ids": (packed_size(T, vocab_size),), "topk_ids": (packed_size(P * k, vocab_size),),
+            "topk_codes": (P * max(k - 1, 0),), "n_kept": (0, 2 * P), "tail_mass": (4 * P,),
+            "target_logprob": (2 * P,), "word_start_mass": (2 * P,),
+            "tail_ids": (0, packed_size(P * m, vocab_size)), "tail_none": (0, (P * m + 7) // 8)}
+    for name, sizes in want.items():
+        if name in cols:
+            got = column_bytes(cols, name, i).size
+            if got not in sizes:
+                raise ValueError(f"column {name!r} holds {got} bytes, expected {' or '.join(map(str, sizes))} "
+                                 f"(n_tokens={T}, n_positions={P}, k={k}, m={m})")
+    if "tail_ids" in cols and (column_bytes(cols, "tail_ids", i).size == 0) != (column_bytes(cols, "tail_none", i).size == 0):
+        raise ValueError("columns 'tail_ids' and 'tail_none' disagree (one is empty)")
+    runs = column_bytes(cols, "position_runs", i)
+    if runs.size % 8:
+        raise ValueError(f"column 'position_runs' holds {runs.size} bytes, not a multiple of 8")
+    r = runs.view("<i4").reshape(-1, 2)
+    if r.size and ((r[:, 1] < r[:, 0]).any() or int((r[:, 1] - r[:, 0]).sum()) != P or r.min() < 0):
+        raise ValueError(f"column 'position_runs' does not describe n_positions={P} positions")
+    return T, P
+
+
 # The packed top-k rows of one example, as the Numba decoder reads them (one small struct instead of
 # ten positional arguments).
 PackedRows = namedtuple("PackedRows", "ids_buf id_mode deltas k n_kept tail tail_buf tail_none m table")
@@ -253,8 +295,7 @@ class PackedExample:
         def raw(name):
             return column_bytes(cols, name, i)
 
-        T = int(cols["n_tokens"][i].as_py())
-        P = int(cols["n_positions"][i].as_py())
+        T, P = check_row(cols, i, k, m, vocab_size)
         self.key = cols["key"][i].as_py()
         self.input_ids = unpack_ids(raw("input_ids"), T, vocab_size)
         self.positions = runs_to_positions(raw("position_runs").view("<i4").reshape(-1, 2))
@@ -268,9 +309,6 @@ class PackedExample:
             m = 0
         if not m:  # no sampled tail ids: the kernels get none (read-only, as the shard views)
             tail_buf = tail_none = _NO_BYTES
-        if P and (self.positions.shape[0] != P or self.tail_mass.shape[0] != P
-                  or deltas.shape[0] != P * max(k - 1, 0)):
-            raise ValueError(f"store row {self.key!r}: column sizes do not match n_positions={P}")
         self.rows = PackedRows(raw("topk_ids"), id_mode(vocab_size), deltas, k, n_kept, self.tail_mass, tail_buf,
                                tail_none, m, table)
 
@@ -289,8 +327,7 @@ def decode_example(cols: dict, i: int, k: int, m: int, vocab_size: int) -> Teach
     def raw(name):
         return column_bytes(cols, name, i)
 
-    T = int(cols["n_tokens"][i].as_py())
-    P = int(cols["n_positions"][i].as_py())
+    T, P = check_row(cols, i, k, m, vocab_size)
     runs = np.frombuffer(raw("position_runs"), dtype="<i4").reshape(-1, 2)
     tail = np.frombuffer(raw("tail_mass"), dtype="<f4").astype(np.float32)
     deltas = np.frombuffer(raw("topk_codes"), dtype=np.uint8).reshape(P, max(k - 1, 0))

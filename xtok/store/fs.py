@@ -94,9 +94,39 @@ class StoreFS:
             pass
 
     def open_parquet(self, rel):
+        return self.open_parquet_mapped(rel)[0]
+
+    def open_parquet_mapped(self, rel):
+        """(pyarrow ParquetFile, the memory map under it or None for an fsspec URL). Local files are
+        memory-mapped and read without pre-buffering (nothing to prefetch from a map)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self.fs is None:
-            return pq.ParquetFile(pa.memory_map(self.p(rel), "r"))
-        return pq.ParquetFile(self.fs.open(self.p(rel), "rb"))
+            mm = pa.memory_map(self.p(rel), "r")
+            return pq.ParquetFile(mm, pre_buffer=False), mm
+        return pq.ParquetFile(self.fs.open(self.p(rel), "rb")), None
+
+    def read_range(self, rel, start: int, end: int, mm=None):
+        """Bytes [start, end) of the file at `rel` (a zero-copy view when `mm`, its memory map, is given)."""
+        if mm is not None:  # seek + read_buffer is zero-copy on a memory map (read_at copies); not thread-safe
+            mm.seek(start)
+            return memoryview(mm.read_buffer(end - start))
+        if self.fs is None:
+            with open(self.p(rel), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        return self.fs.read_block(self.p(rel), start, end - start)
+
+    def sha256(self, rel, block: int = 1 << 24) -> str:
+        """sha256 hex digest of the whole file at `rel`, read in blocks."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with (open(self.p(rel), "rb") if self.fs is None else self.fs.open(self.p(rel), "rb")) as f:
+            while True:
+                b = f.read(block)
+                if not b:
+                    break
+                h.update(b)
+        return h.hexdigest()

@@ -7,17 +7,36 @@ import json
 
 from .codec import FORMAT_VERSION, shard_schema
 from .fs import StoreFS
+from .integrity import CHECKSUM_FIELDS, shard_checksums
 
-__all__ = ["StoreWriter", "StoreError", "merge_manifests", "read_json", "shard_meta", "MERGED_FIELDS", "META_HEADER",
-           "META_SHARD"]
+__all__ = ["StoreWriter", "StoreError", "DamagedShardError", "merge_manifests", "read_json", "shard_meta",
+           "MERGED_FIELDS", "META_HEADER", "META_SHARD", "INFORMATIONAL"]
 
 
 class StoreError(ValueError):
     """A store that cannot be read or written; the message names the path and the fix."""
 
 
+class DamagedShardError(StoreError):
+    """A shard of a store that cannot be read back as written (truncated, bytes changed, unreadable):
+    `file` is the shard (relative to the store), `key` the example being read (None when the shard
+    itself failed to open); the message names both and the fix."""
+
+    def __init__(self, message: str, file: str, key: str | None = None):
+        super().__init__(message)
+        self.file, self.key = file, key
+
+
+# Header fields that only say where something was found, each with the field that identifies its
+# content: a resume compares the content (a dataset path spelled `./big.jsonl` or absolute, with the
+# same fingerprint, is the same dataset) and keeps the spelling already recorded.
+INFORMATIONAL = {"dataset": "dataset_fingerprint", "split": "dataset_fingerprint", "limit": "dataset_fingerprint",
+                 "model": "model_hash", "tokenizer": "tokenizer_hash"}
+
+
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    # sorted keys: the same content gives the same bytes whatever order the dicts were built in
+    return (json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
 
 class StoreWriter:
@@ -70,8 +89,26 @@ class StoreWriter:
             j = self._own_index(name)
             if j is not None:
                 meta = self._shard_meta[name] if name in self._shard_meta else shard_meta(self.io, f"shards/{name}")[1]
-                self._shards[j] = {"file": f"shards/{name}", "n": int(meta["n"]), "skipped": meta.get("skipped") or {}}
+                rel = f"shards/{name}"
+                self._shards[j] = {"file": rel, "n": int(meta["n"]), "skipped": meta.get("skipped") or {},
+                                   **self._adopted_checksums(rel)}
         self._write_part(complete=False)
+
+    def _adopted_checksums(self, rel: str) -> dict:
+        """The checksums of a shard already there (resume, or a re-run on a finished store): the record
+        of the manifest or of a finished part when they have one (so a shard damaged since is caught by
+        the reader, not certified anew), else computed from the file. A size that differs from the
+        record means the shard changed since it was committed: refused, naming it."""
+        rec = self._recorded.get(rel)
+        size = self.io.size(rel)
+        if rec is not None and all(f in rec for f in CHECKSUM_FIELDS):
+            if int(rec["bytes"]) != size:
+                raise DamagedShardError(
+                    f"{self.io.url}/{rel}: {size} bytes but the store records {rec['bytes']} (truncated or "
+                    "overwritten); delete it and re-run the same `xtok extract` command (it redoes missing "
+                    "shards).", rel)
+            return {f: rec[f] for f in CHECKSUM_FIELDS}
+        return shard_checksums(self.io.read_bytes(rel))
 
     def abort(self):
         """After a failed run: remove the store folder when this writer created it, it is the only
@@ -87,9 +124,15 @@ class StoreWriter:
         j = name[len(self.tag) + 1: -len(".parquet")]
         return int(j) if j.isdigit() else None
 
+    def _informational(self, h: dict) -> set[str]:
+        """The INFORMATIONAL fields of header h that do not count: their content field is recorded and
+        equal in h and in this writer's header."""
+        return {k for k, by in INFORMATIONAL.items()
+                if self.header.get(by) is not None and h.get(by) == self.header.get(by)}
+
     def _diff(self, h: dict) -> list[str]:
-        return sorted(k for k in set(h) | set(self.header) if h.get(k) != self.header.get(k)
-                      and k not in ("created", "xtok_version"))
+        skip = self._informational(h) | {"created", "xtok_version"}
+        return sorted(k for k in set(h) | set(self.header) if h.get(k) != self.header.get(k) and k not in skip)
 
     def _check_compatible(self, overwrite: bool):
         """Compare this writer's header with everything already at the path: the manifest, every part,
@@ -105,13 +148,21 @@ class StoreWriter:
                     return {"header": {"damaged": True}, "damaged": True}
                 raise
 
+        self._recorded: dict[str, dict] = {}  # shard file -> its record in the manifest / a finished part
         if self.io.exists("manifest.json"):
             # the manifest is the shared header plus the merged fields (see merge_manifests)
             man = read("manifest.json")
             found.append(("manifest.json", {k: v for k, v in man.items() if k not in MERGED_FIELDS}))
+            for sh in man.get("shards") or []:
+                if isinstance(sh, dict) and "file" in sh:
+                    self._recorded[sh["file"]] = sh
         for name in self.io.listdir("parts"):
             if name.endswith(".json") and ".tmp-" not in name:
-                found.append((f"parts/{name}", read(f"parts/{name}").get("header", {})))
+                part = read(f"parts/{name}")
+                found.append((f"parts/{name}", part.get("header", {})))
+                for sh in (part.get("shards") or {}).values():
+                    if isinstance(sh, dict) and "file" in sh:
+                        self._recorded.setdefault(sh["file"], sh)
         seen_tags = set()
         for name in self.io.listdir("shards"):
             if ".tmp-" in name or not name.endswith(".parquet"):
@@ -132,12 +183,18 @@ class StoreWriter:
             if overwrite:
                 self._wipe()
                 self._shard_meta = {}
+                self._recorded = {}
                 return
             what = ("format_version (written by an older xtok that records no settings in its shards)"
                     if not h else ", ".join(diff))
             raise StoreError(
                 f"{self.io.url}: a store made with different settings is already there ({where} differs in: "
                 f"{what}). Use a new --output, or --overwrite to replace it.")
+        if found:  # the same content under another spelling: keep the one recorded (the same bytes on re-runs)
+            h = found[0][1]
+            for k in self._informational(h):
+                if k in h:
+                    self.header[k] = h[k]
 
     def _wipe(self):
         for d in ("shards", "parts"):
@@ -165,19 +222,22 @@ class StoreWriter:
         avg = max(1, table.nbytes // max(1, len(rows)))
         # ~512 KiB row groups: a random read decodes ~one 2k-token example (k=64), not four (2 MB groups:
         # 2.5 ms vs 0.9 ms CPU per cold read), for ~1 % more bytes
-        rg = int(max(1, min(len(rows), (1 << 19) // avg)))
+        rg = int(max(1, min(len(rows), ROW_GROUP_BYTES // avg)))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", compression_level=6, row_group_size=rg,
                        use_dictionary=False, write_statistics=False)
         rel = self.shard_rel(j)
-        self.io.write_atomic(rel, sink.getvalue().to_pybytes())
-        self._shards[j] = {"file": rel, "n": len(rows), "skipped": rec["skipped"]}
+        data = sink.getvalue()
+        sums = shard_checksums(data)  # recorded in the part at finish, then in the manifest
+        self.io.write_atomic(rel, data.to_pybytes())
+        self._shards[j] = {"file": rel, "n": len(rows), "skipped": rec["skipped"], **sums}
 
     def _write_part(self, complete: bool, stats: dict | None = None):
         part = {"rank": self.rank, "world": self.world, "complete": bool(complete), "header": self.header}
         if complete:
             part["stats"] = stats or {}
-            part["shards"] = {f"{j:05d}": {"file": s["file"], "n": s["n"]} for j, s in sorted(self._shards.items())}
+            part["shards"] = {f"{j:05d}": {"file": s["file"], "n": s["n"], **{f: s[f] for f in CHECKSUM_FIELDS if f in s}}
+                              for j, s in sorted(self._shards.items())}
             part["skipped"] = {f"{j:05d}": s["skipped"] for j, s in sorted(self._shards.items()) if s["skipped"]}
         self.io.write_atomic(self.part_rel, _json_bytes(part))
 
@@ -193,6 +253,7 @@ class StoreWriter:
 MERGED_FIELDS = ("n_examples", "skipped", "stats", "shards")
 META_HEADER = "xtok.header"   # parquet schema metadata of every shard: the writer's header (JSON)
 META_SHARD = "xtok.shard"     # ... and the shard's record {rank, world, j, n, skipped} (JSON)
+ROW_GROUP_BYTES = 1 << 19     # target (uncompressed) bytes of a shard row group; at least one example per group
 
 
 def read_json(io: StoreFS, rel: str) -> dict:
@@ -247,7 +308,7 @@ def merge_manifests(path, require_complete: bool = True, quiet: bool = False) ->
             if len(keys) != s["n"]:
                 raise StoreError(f"{io.url}/{s['file']}: {len(keys)} rows but its part says {s['n']}; delete the "
                                  "shard and re-run the same `xtok extract` command.")
-            shards.append({"file": s["file"], "n": s["n"], "keys": keys})
+            shards.append({"file": s["file"], "n": s["n"], "keys": keys, **{f: s[f] for f in CHECKSUM_FIELDS if f in s}})
         for sk in p.get("skipped", {}).values():
             for k, v in sk.items():
                 skipped[k] = skipped.get(k, 0) + v
