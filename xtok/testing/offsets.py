@@ -26,6 +26,7 @@ Library quirks, handled here and nowhere else:
 """
 from __future__ import annotations
 
+import bisect
 import json
 
 import numpy as np
@@ -185,29 +186,45 @@ def _gaps(n, used):
     return out
 
 
+def _groups(spans, shared):
+    """{i: token indices (with a span) lying wholly inside [shared[i], shared[i + 1])}."""
+    out: dict[int, list] = {}
+    for k, (s, e) in enumerate(spans):
+        if e <= s:
+            continue
+        i = bisect.bisect_right(shared, s) - 1
+        if 0 <= i < len(shared) - 1 and e <= shared[i + 1]:
+            out.setdefault(i, []).append(k)
+    return out
+
+
+def _tiles(spans, ks, x, y) -> bool:
+    """Are the tokens ks consecutive, and do their spans cover [x, y) without a hole?"""
+    if not ks or ks[-1] - ks[0] != len(ks) - 1:
+        return False
+    reach = x
+    for k in ks:
+        s, e = int(spans[k][0]), int(spans[k][1])
+        if s > reach:
+            return False
+        reach = max(reach, e)
+    return reach == y and int(spans[ks[0]][0]) == x
+
+
 def offset_alignment(t_spans, s_spans):
     """(chunks [(t0, t1, s0, s1)], teacher_gaps [(a, b)], student_gaps [(a, b)]) from each side's token
     byte spans in the same text: between two consecutive positions where both sides can be cut, the
     tokens of each side that lie there form a chunk when both sides have some, they are consecutive
     and they cover those bytes; every other token (zero-width ones included) is in a gap."""
+    t_spans = np.asarray(t_spans).reshape(-1, 2).tolist()
+    s_spans = np.asarray(s_spans).reshape(-1, 2).tolist()
     shared = sorted(_cuts(t_spans) & _cuts(s_spans))
+    gt, gs = _groups(t_spans, shared), _groups(s_spans, shared)
     chunks = []
     used_t, used_s = [False] * len(t_spans), [False] * len(s_spans)
-
-    def inside(spans, x, y):
-        return [k for k, (s, e) in enumerate(spans) if e > s and x <= s and e <= y]
-
-    def tiles(spans, ks, x, y):
-        if not ks or ks != list(range(ks[0], ks[-1] + 1)):
-            return False
-        cov = set()
-        for k in ks:
-            cov.update(range(int(spans[k][0]), int(spans[k][1])))
-        return cov == set(range(x, y))
-
-    for x, y in zip(shared, shared[1:]):
-        ts, ss = inside(t_spans, x, y), inside(s_spans, x, y)
-        if tiles(t_spans, ts, x, y) and tiles(s_spans, ss, x, y):
+    for i in sorted(gt.keys() & gs.keys()):
+        ts, ss, x, y = gt[i], gs[i], shared[i], shared[i + 1]
+        if _tiles(t_spans, ts, x, y) and _tiles(s_spans, ss, x, y):
             chunks.append((ts[0], ts[-1] + 1, ss[0], ss[-1] + 1))
             for k in ts:
                 used_t[k] = True
