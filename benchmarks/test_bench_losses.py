@@ -149,7 +149,9 @@ def test_bench_kl_fused_vs_chunked_vs_naive(V):
                       rel_loss_diff_chunked=abs(chunked["loss"] - ref["loss"]) / abs(ref["loss"]))
     else:
         fields.update(chunked="skipped (logits + their grad exceed XTOK_BENCH_MAX_GB)")
-    fields.update(memory=fused.get("memory_method", "?"),
+    from benchmarks import memory
+
+    fields.update(memory=fused.get("memory_method", "?"), pytest_process_peak_mib=memory.peak_mib(),
                   target=f"fused peak <= naive / 4: {met(fused['peak_mib'] <= naive['peak_mib'] / 4)}")
     report("losses.kl_fused_chunked_naive", **fields)
     assert fused["peak_mib"] <= naive["peak_mib"] / 4

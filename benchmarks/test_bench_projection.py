@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks import memory
 from benchmarks.conftest import met, report, rounds, run_fresh
 from xtok.testing.assets import ASSETS, MISTRAL_SPM, TEKKEN
 
@@ -145,7 +146,7 @@ def test_bench_full_vocab_build(tmp_path, pair):
            naive_setup_cpu_s=setup, naive_slice_tokens=len(sl), **per_tok.fields("naive_us_per_token", 1e6),
            naive_full_est_cpu_s=naive_full, speedup_vs_naive=naive_full / r["build_cpu_s"],
            naive_first_token_agreement=agree / max(1, len(rows)), target=f"<{TARGET_S} s, <{TARGET_MB} MB: {met(ok)}",
-           load1=os.getloadavg()[0])
+           pytest_process_peak_mb=memory.peak_mib(), load1=os.getloadavg()[0])
     assert agree >= 0.99 * len(rows), (agree, len(rows))
     assert ok, (wall, r["peak_rss_mb"])
 
