@@ -12,8 +12,13 @@ library's own encode of the same texts (its floor), store reads (row groups cach
 store, so every row group is read and decompressed), alignment, targets (run filter, decoding of the
 packed top-k, projection, chunk sums; the decode + projection kernel alone also listed), padding into
 tensors; and, not part of the collator (so not in the throughput figure), what a DataLoader worker then
-spends sending the batch (torch moves every tensor into shared memory). Checked equal to a naive reference doing the same work with per-token Python loops on the
-store's own decoder (dict-based projection, per-chunk sums), whose speed is printed too.
+spends sending the batch (torch moves every tensor into shared memory).
+
+Throughput is the median over 7 rounds of the batches (min and max printed); the target is asserted
+on the median. Checked equal, for every target and every chunk of the first batch, to a naive
+reference doing the same work independently: its alignment comes from the tokenizer libraries' own
+token offsets (`xtok.testing.offsets`, not xtok's aligner), then per-token Python loops on the store's
+own decoder (dict-based projection, per-chunk sums); its speed is printed too.
 
 Teacher top-k data is synthetic but shaped like a real teacher's: 64 distinct ids per position drawn
 from a Zipf-like law over the vocabulary, log-probs descending, tail mass 5-40 %.
@@ -27,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import report
+from benchmarks.conftest import met, report
 from xtok.testing.assets import ASSETS, MISTRAL_SPM, MISTRAL_SPM_V3, TEKKEN
 
 K = 64
@@ -97,15 +102,32 @@ def _write_store(path, tok, rows, rng, m):
     return path
 
 
+def _library_spans(tok, text, ids):
+    """Byte spans of `ids` (leading special tokens, then a prefix of the library's own tokenisation of
+    `text`) from the tokenizer library's offsets (`xtok.testing.offsets.library_encode`)."""
+    from xtok.testing.offsets import library_encode
+
+    enc = library_encode(tok, text)
+    assert enc is not None, f"{tok.name} does not reproduce the benchmark text"
+    lib_ids, spans = enc
+    lead = 0
+    while lead < len(ids) and tok.token_bytes.is_special[ids[lead]]:
+        lead += 1
+    body = np.asarray(ids[lead:], np.int64)
+    assert np.array_equal(body, lib_ids[: body.size]), f"{tok.name}: the ids are not the library's tokenisation"
+    return np.concatenate([np.zeros((lead, 2), np.int64), spans[: body.size]])
+
+
 class _NaiveCollator:
-    """The same outputs with per-token Python loops on the store's own decoder (`TeacherStore[key]`):
-    reference for correctness and speed."""
+    """The same outputs, computed independently: chunks from the tokenizer libraries' token offsets
+    (`xtok.testing.offsets.offset_alignment`), then per-token Python loops on the store's own decoder
+    (`TeacherStore[key]`): reference for correctness and speed."""
 
     def __init__(self, col):
         self.col = col
 
     def __call__(self, rows):
-        from xtok.alignment import align
+        from xtok.testing.offsets import offset_alignment
 
         col = self.col
         xs = [col.tokenize(r) for r in rows]
@@ -114,10 +136,11 @@ class _NaiveCollator:
             W = t.projector(col.student).proj
             tbytes, sbytes = t.tok.token_bytes, col.student.token_bytes
             res = []
-            for x in xs:
+            for r, x in zip(rows, xs):
                 ex = t.teacher_store[x.key]
                 t_ids = np.asarray(ex.input_ids, np.int64)
-                a = align(t.tok, col.student, t_ids, x.input_ids)
+                chunks, _, _ = offset_alignment(_library_spans(t.tok, r["text"], t_ids),
+                                                _library_spans(col.student, r["text"], x.input_ids))
                 # run filter: chunks with no byte between them on either side form a run; keep runs of
                 # >= min_run_bytes matched bytes or starting at byte 0 on both sides
                 tb = [0]
@@ -127,11 +150,11 @@ class _NaiveCollator:
                 for i in x.input_ids.tolist():
                     sb.append(sb[-1] + (0 if sbytes.is_special[i] else len(sbytes.get(i))))
                 runs, cur = [], []
-                for c in a.chunks.tolist():
+                for c in chunks:
                     if cur and (tb[c[0]] != tb[cur[-1][1]] or sb[c[2]] != sb[cur[-1][3]]):
                         runs.append(cur)
                         cur = []
-                    cur.append(c)
+                    cur.append(list(c))
                 if cur:
                     runs.append(cur)
                 kept = [c for r in runs for c in r
@@ -152,13 +175,14 @@ class _NaiveCollator:
                         for c, wv in zip(*W.row(v)):
                             acc[int(c)] = acc.get(int(c), 0.0) + p * float(wv)
                     targets.append((s0 - 1, acc, 1.0 - sum(acc.values())))
-                chunks = []
+                out_chunks = []
                 for t0, t1, s0, s1 in kept:
                     if t0 < 1 or s0 < 1:
                         continue
                     if all((p in pos_row) for p in range(t0 - 1, t1 - 1)) and all(x.labels[s] != -100 for s in range(s0, s1)):
-                        chunks.append((s0, s1, sum(float(ex.target_logprob[pos_row[p]]) for p in range(t0 - 1, t1 - 1))))
-                res.append((targets, chunks))
+                        out_chunks.append((s0, s1, sum(float(ex.target_logprob[pos_row[p]])
+                                                       for p in range(t0 - 1, t1 - 1))))
+                res.append((targets, out_chunks))
             out["teachers"][t.name] = res
         return out
 
@@ -282,72 +306,78 @@ def test_collate_throughput(setup):
     torch.set_num_threads(1)
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     col(batches[0])  # warm-up: kernels, stores, projections
-    rounds = 3
-    cpus = np.zeros((rounds, len(batches)))
+    n_rounds = 7
+    cpus = np.zeros((n_rounds, len(batches)))
     walls = np.zeros_like(cpus)
     toks = np.zeros(len(batches))
-    for k in range(rounds):
+    for k in range(n_rounds):
         for j, b in enumerate(batches):
             c0, t0 = time.process_time(), time.perf_counter()
             out = col(b)
             walls[k, j] = time.perf_counter() - t0
             cpus[k, j] = time.process_time() - c0
             toks[j] = int(out["attention_mask"].sum())
-    tps_cpu = toks.sum() * rounds / cpus.sum()
-    tps_best = toks.sum() / cpus.min(axis=0).sum()  # best round per batch: least disturbed by other load
-    tps_wall = toks.sum() * rounds / walls.sum()
-    # stage breakdown (CPU time), best of 3 per stage over the batches
+    per_round = toks.sum() / cpus.sum(axis=1)  # student tokens per CPU-second, one figure per round
+    tps_median, tps_min, tps_max = (float(np.median(per_round)), float(per_round.min()), float(per_round.max()))
+    tps_wall = float(np.median(toks.sum() / walls.sum(axis=1)))
+    # stage breakdown (CPU time), median of 3 per stage over the batches
     per_stage: dict[str, float] = {}
     ntok_all = 0
     for b in batches:
-        best = None
-        for _ in range(3):
-            st, ntok = _stages(col, b)
-            best = st if best is None else {k: min(v, st[k]) for k, v in best.items()}
-        for k, v in best.items():
-            per_stage[k] = per_stage.get(k, 0.0) + v
-        ntok_all += ntok
+        runs = [_stages(col, b) for _ in range(3)]
+        for k in runs[0][0]:
+            per_stage[k] = per_stage.get(k, 0.0) + float(np.median([st[k] for st, _ in runs]))
+        ntok_all += runs[0][1]
         floor = _tokenizer_floor(col, b)
         if floor is not None:
             per_stage["tokenizer_library_encode"] = per_stage.get("tokenizer_library_encode", 0.0) + floor
         per_stage["cold_read_both"] = per_stage.get("cold_read_both", 0.0) + _cold_reads(col, b)
-        per_stage["worker_transfer_to_shm"] = per_stage.get("worker_transfer_to_shm", 0.0) + min(
-            _worker_transfer(col(b)) for _ in range(2))
+        per_stage["worker_transfer_to_shm"] = per_stage.get("worker_transfer_to_shm", 0.0) + float(np.median(
+            [_worker_transfer(col(b)) for _ in range(3)]))
     ms = {k: 1e3 * v / ntok_all * SEQ for k, v in per_stage.items()}
-    ms["whole_batch"] = 1e3 * cpus.min(axis=0).sum() / toks.sum() * SEQ
-    print("\nCPU ms per 2048 student tokens (best of 3):")
+    ms["whole_batch"] = 1e3 * float(np.median(cpus.sum(axis=1))) / toks.sum() * SEQ
+    print("\nCPU ms per 2048 student tokens (median of 3):")
     for k, v in ms.items():
         print(f"  {k + (' (decode + projection kernel, part of targets)' if k.endswith('_kernel') else ''):60s} {v:7.2f}")
-    # naive reference on two rows: same targets, and its speed
+    # the independent naive reference on the whole first batch: every target and every chunk equal
     naive = _NaiveCollator(col)
     b = batches[0]
     t0 = time.process_time()
-    ref = naive(b[:2])
+    ref = naive(b)
     t_naive = time.process_time() - t0
-    got = col(b[:2])
+    got = col(b)
+    n_targets = n_chunks = 0
     for name, res in ref["teachers"].items():
         tt = got["teachers"][name]
         for i, (targets, chunks) in enumerate(res):
-            assert int(tt["mask"][i].sum()) == len(targets)
-            for j in (0, len(targets) // 2, len(targets) - 1):
-                s, acc, tail = targets[j]
-                assert int(tt["positions"][i, j]) == s
+            assert int(tt["mask"][i].sum()) == len(targets), (name, i)
+            assert bool(tt["mask"][i, :len(targets)].all())
+            for j, (s, acc, tail) in enumerate(targets):
+                assert int(tt["positions"][i, j]) == s, (name, i, j)
                 g = {c: p for c, p in zip(tt["target_ids"][i, j].tolist(), tt["target_probs"][i, j].tolist()) if p > 0}
-                assert set(g) == {c for c, p in acc.items() if p > 0}
-                assert all(abs(g[c] - acc[c]) < 1e-5 for c in g)
-                assert abs(float(tt["tail_mass"][i, j]) - max(tail, 0.0)) < 1e-4
-            assert int(tt["chunk_mask"][i].sum()) == len(chunks)
-            assert np.allclose(tt["chunk_teacher_logprob"][i][tt["chunk_mask"][i]].numpy(), [c[2] for c in chunks], atol=1e-3)
+                assert set(g) == {c for c, p in acc.items() if p > 0}, (name, i, j)
+                assert all(abs(g[c] - acc[c]) < 1e-5 for c in g), (name, i, j)
+                assert abs(float(tt["tail_mass"][i, j]) - max(tail, 0.0)) < 1e-4, (name, i, j)
+            cm = tt["chunk_mask"][i]
+            assert int(cm.sum()) == len(chunks), (name, i)
+            assert tt["chunk_spans"][i][cm].tolist() == [[c[0], c[1]] for c in chunks], (name, i)
+            assert np.allclose(tt["chunk_teacher_logprob"][i][cm].numpy(), [c[2] for c in chunks], atol=1e-3)
+            n_targets += len(targets)
+            n_chunks += len(chunks)
     naive_tps = int(got["attention_mask"].sum()) / t_naive
-    report("collate", config="sampled_tail" if m else "topk", student=col.student.name,
-           teachers="+".join(t.name for t in col.teachers), k=K, tail_m=m, seq=SEQ, batch=BATCH,
-           tokens_per_cpu_s=float(tps_cpu), tokens_per_cpu_s_best=float(tps_best), tokens_per_wall_s=float(tps_wall),
-           naive_tokens_per_s=float(naive_tps), speedup_vs_naive=float(tps_cpu / naive_tps),
-           cpu_load=float(os.getloadavg()[0]),
-           **{f"cpu_ms_per_2k_{k}": v for k, v in ms.items()})
-    assert tps_cpu > 10 * naive_tps
     # The issue's target is for top-k stores (2 teachers, k = 64, 2k tokens); with 16 sampled tail ids per
-    # position the kernel reads 25 % more entries per row: reported, guarded against regressions only.
+    # position the kernel reads 25 % more entries per row: reported against the same target, asserted at
+    # 0.75 x it (a regression guard only).
     need = TARGET if not m else 0.75 * TARGET
-    assert tps_best >= need, (f"{tps_best:.0f} student tokens per worker CPU-second (best round), need {need:.0f}; "
-                              f"load {os.getloadavg()[0]:.1f}: rerun on a quieter machine if it is loaded")
+    report("collate", config="sampled_tail" if m else "topk", student=col.student.name,
+           teachers="+".join(t.name for t in col.teachers), k=K, tail_m=m, seq=SEQ, batch=BATCH, rounds=n_rounds,
+           tokens_per_cpu_s_median=tps_median, tokens_per_cpu_s_min=tps_min, tokens_per_cpu_s_max=tps_max,
+           tokens_per_wall_s_median=tps_wall, naive_tokens_per_s=float(naive_tps),
+           speedup_vs_naive=tps_median / naive_tps, checked_rows=len(b), checked_targets=n_targets,
+           checked_chunks=n_chunks, target=f">={TARGET} tokens/CPU-s: {met(tps_median >= TARGET)}",
+           asserted=f">={need:.0f}", cpu_load=float(os.getloadavg()[0]),
+           **{f"cpu_ms_per_2k_{k}": v for k, v in ms.items()})
+    assert tps_median > 10 * naive_tps
+    assert tps_median >= need, (f"{tps_median:.0f} student tokens per worker CPU-second (median of {n_rounds} "
+                                f"rounds), need {need:.0f}; load {os.getloadavg()[0]:.1f}: rerun on a quieter "
+                                "machine if it is loaded")

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import report
+from benchmarks.conftest import met, report
 from xtok.testing.assets import ASSETS, MISTRAL_SPM, TEKKEN
 
 TARGET_RATIO = 0.5   # issue 4: xtok <= half of the best anchor's bytes per position (equal k, equal content)
@@ -353,7 +353,9 @@ def test_extraction_overhead_vs_bare_forward(tmp_path, hidden, layers, n_texts):
            bare_forward_cpu_s=float(np.median(t_bare)), extract_loop_cpu_s=float(np.median(loop)),
            setup_cpu_s=float(np.median(t_setup)), overhead_median=float(np.median(over)),
            overhead_min=float(over.min()), overhead_max=float(over.max()),
-           tokens_per_cpu_s=float(lens.sum() / np.median(loop)))
+           tokens_per_cpu_s=float(lens.sum() / np.median(loop)),
+           target=f"overhead <= 10 %: {met(float(np.median(over)) <= 0.10)}",
+           asserted="<= 10 %" if hidden >= 1024 else "<= 50 % (regression guard; see below)")
     # The issue's target is <= 10 %. With a 256-wide body the output matmul is small next to the
     # per-vocabulary-entry passes (top-k, exp, sums) that a bare forward does not do, and the CPU figure
     # is 13-30 % (docs/formats.md): guarded against regressions only. With a 1024-wide body (still far

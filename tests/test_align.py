@@ -285,10 +285,10 @@ def test_anchored_banded_pipeline_is_optimal_on_real_edits(seed):
 
 
 def test_trim_common_equals_reference():
-    """The prefix/suffix trim (`_trim_common`: byte_match on whole streams, _align_region on a
+    """The prefix/suffix trim (`trim_common`: byte_match on whole streams, align_region on a
     region after widening) is ref_trim, on random regions of random streams with random flags,
     and marks exactly those bytes matched on their diagonals."""
-    from xtok.alignment.dp import trim_common as _trim_common
+    from xtok.alignment.dp import Streams, trim_common as _trim_common
 
     rng = np.random.default_rng(7)
     for it in range(10_000):
@@ -312,7 +312,7 @@ def test_trim_common_equals_reference():
         a0, a1, b0, b1 = pa, pa + a.size, pb, pb + b.size
         want = ref_trim(a.tobytes(), b.tobytes(), FA[a0:a1 + 1], FB[b0:b1 + 1])
         mt, ms = np.full(A.size, -1, np.int64), np.full(B.size, -1, np.int64)
-        got = _trim_common(A, B, FA, FB, a0, a1, b0, b1, mt, ms)
+        got = _trim_common(Streams(A, B, FA, FB, mt, ms), a0, a1, b0, b1)
         assert tuple(int(x) for x in got) == want, (a.tolist(), b.tolist(), FA[a0:a1 + 1].tolist(), FB[b0:b1 + 1].tolist())
         p, s = want
         pairs = [(a0 + x, b0 + x) for x in range(p)] + [(a1 - x, b1 - x) for x in range(s, 0, -1)]

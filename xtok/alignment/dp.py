@@ -5,12 +5,15 @@ k-gram hashes and the longest increasing subsequence for anchors. docs/alignment
 """
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numba import njit
 
 __all__ = ["GAP_OPEN", "GAP_EXTEND", "ANCHOR_K", "FULL_DP_CELLS", "LAST_FULL_DP_CELLS", "BAND_HALF", "WIDEN_BOUNDS",
-           "WIDEN_MAX", "INF", "CUT_BOUND", "CUT_END", "CUT_SPECIAL", "CUT_ALL", "gotoh", "tie_penalties",
-           "band_rows", "widen", "trim_common", "align_region", "kgram_hash", "lis", "segments_and_regions"]
+           "WIDEN_MAX", "INF", "CUT_BOUND", "CUT_END", "CUT_SPECIAL", "CUT_ALL", "Streams", "DPParams", "gotoh",
+           "tie_penalties", "band_rows", "widen", "trim_common", "align_region", "kgram_hash", "lis",
+           "segments_and_regions"]
 
 # Affine gap costs of the byte DP: a gap of length L costs GAP_OPEN + L * GAP_EXTEND; matches cost
 # 0; unequal bytes never pair. With these, an isolated run of < 4 equal bytes inside unmatched
@@ -30,6 +33,16 @@ CUT_END = 2              # a gap on this side may end here without splitting a t
 CUT_SPECIAL = 4          # a special token (no bytes) or the stream start/end sits here
 CUT_ALL = CUT_BOUND | CUT_END | CUT_SPECIAL
 
+# The kernels' argument structs (namedtuples: Numba passes them as typed tuples, no copies).
+Streams = namedtuple("Streams", "a b fa fb mt ms")
+Streams.__doc__ = """The two byte streams being matched and the matching being written. a, b: uint8 [n], [m];
+fa, fb: uint8 [n + 1], [m + 1] position flags (CUT_*, see `gotoh`); mt: int64 [n], mt[i] = the b-index
+a[i] is matched to or -1; ms: int64 [m], the inverse. Kernels address regions of the streams by
+absolute positions [a0, a1) x [b0, b1) and write matches into mt/ms at absolute positions."""
+DPParams = namedtuple("DPParams", "go ge full_cells half defer")
+DPParams.__doc__ = """The DP's settings: go, ge: gap open / extend cost (a gap of length L costs go + L * ge);
+full_cells: a region of at most this many DP cells gets the exact full DP; half: half-width of the
+band for larger regions; defer: True = return larger regions (for finer anchoring) instead of banding."""
 
 
 @njit(cache=True, nogil=True)
@@ -47,23 +60,31 @@ def tie_penalties(f, n1, three, K):
 
 
 @njit(cache=True, nogil=True)
-def gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, a_off, b_off):
-    """Affine-gap alignment of a vs b (match 0, gaps go + L*ge, unequal bytes never pair) with row
-    i restricted to columns lo[i]..hi[i] (inclusive). Writes matches into mt/ms (offset by
-    a_off/b_off). Returns (cost, splits, misses).
+def gotoh(ab, a0, a1, b0, b1, lo, hi, go, ge):
+    """Affine-gap alignment of a = ab.a[a0:a1] vs b = ab.b[b0:b1] (`Streams` ab; match 0, gaps
+    go + L*ge, unequal bytes never pair) with row i restricted to columns lo[i]..hi[i] (inclusive).
+    Writes the matches into ab.mt/ab.ms (absolute positions). Returns (cost, splits, misses).
 
     Tie-break (lexicographic, never changes the optimal cost): among alignments of equal cost the
-    one with the fewest token *splits* wins, then the one with the fewest special *misses*. fa/fb
-    (uint8 [n+1]/[m+1]) flag each position between bytes: CUT_BOUND = a token boundary, CUT_END = a
-    gap on that side may end here without splitting a token, CUT_SPECIAL = a special token (or the
-    stream end) sits here. A gap of a-bytes [i0, i1) placed between b[j-1] and b[j] costs one split
-    for each of i0 not CUT_BOUND, i1 not CUT_END, j not CUT_BOUND, and one miss for each of i0, i1, j
-    not CUT_SPECIAL (likewise for gaps of b-bytes). With N = n + m and K = 3N + 1 (> any total of
-    misses), costs are kept as cost * K^2 + splits * K + misses, so integer comparison is the
-    lexicographic one. A region too long for that in int64 (N beyond ~3e5 bytes: only ever the
-    banded worst case) drops the misses: cost * (3N + 1) + splits. Remaining ties: M < X (a-byte
-    unmatched) < Y (b-byte unmatched); the traceback from the end therefore places matches as late
-    and gaps as early as allowed."""
+    one with the fewest token *splits* wins, then the one with the fewest special *misses*.
+    fa = ab.fa[a0:a1 + 1] and fb = ab.fb[b0:b1 + 1] flag each position between bytes: CUT_BOUND = a
+    token boundary, CUT_END = a gap on that side may end here without splitting a token, CUT_SPECIAL =
+    a special token (or the stream end) sits here. A gap of a-bytes [i0, i1) placed between b[j-1]
+    and b[j] costs one split for each of i0 not CUT_BOUND, i1 not CUT_END, j not CUT_BOUND, and one
+    miss for each of i0, i1, j not CUT_SPECIAL (likewise for gaps of b-bytes). With N = n + m and
+    K = 3N + 1 (> any total of misses), costs are kept as cost * K^2 + splits * K + misses, so
+    integer comparison is the lexicographic one. A region too long for that in int64 (N beyond ~3e5
+    bytes: only ever the banded worst case) drops the misses: cost * (3N + 1) + splits. Remaining
+    ties: M < X (a-byte unmatched) < Y (b-byte unmatched); the traceback from the end therefore
+    places matches as late and gaps as early as allowed."""
+    a = ab.a[a0:a1]
+    b = ab.b[b0:b1]
+    fa = ab.fa[a0:a1 + 1]
+    fb = ab.fb[b0:b1 + 1]
+    mt = ab.mt
+    ms = ab.ms
+    a_off = a0
+    b_off = b0
     n = a.shape[0]
     m = b.shape[0]
     W = 1
@@ -223,13 +244,17 @@ def band_rows(n, m, half):
 
 
 @njit(cache=True, nogil=True)
-def widen(fa, fb, mt, ms, a0, a1, b0, b1):
+def widen(ab, a0, a1, b0, b1):
     """Widen the region a[a0:a1] x b[b0:b1] (whose neighbours are matched bytes or the stream
     ends) outward along the matched diagonal run on each side, over WIDEN_BOUNDS positions that are
     token boundaries on both sides (at most WIDEN_MAX bytes), and unmatch those bytes: the DP, not
     the anchor or trim that fixed them, then decides where the gaps next to them go. A side stops at
     the last such position reached whose neighbour beyond is still a matched byte (or the stream
     end), so the region keeps that property."""
+    fa = ab.fa
+    fb = ab.fb
+    mt = ab.mt
+    ms = ab.ms
     n = mt.shape[0]
     m = ms.shape[0]
     x = a0
@@ -272,10 +297,16 @@ def widen(fa, fb, mt, ms, a0, a1, b0, b1):
 
 
 @njit(cache=True, nogil=True)
-def trim_common(a, b, fa, fb, a0, a1, b0, b1, mt, ms):
+def trim_common(ab, a0, a1, b0, b1):
     """Match the common prefix and suffix of a[a0:a1] and b[b0:b1] directly (into mt/ms), each cut
     back to the last position that is a token boundary on both sides unless it is all of both
     (so the DP still places the gaps next to it). Returns their lengths (p, s)."""
+    a = ab.a
+    b = ab.b
+    fa = ab.fa
+    fb = ab.fb
+    mt = ab.mt
+    ms = ab.ms
     n = a1 - a0
     m = b1 - b0
     p = 0
@@ -300,15 +331,17 @@ def trim_common(a, b, fa, fb, a0, a1, b0, b1, mt, ms):
 
 
 @njit(cache=True, nogil=True)
-def align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half, defer, out, no):
-    """Align a[a0:a1] with b[b0:b1]. A region of <= full_cells cells gets the full DP as it is
-    (exact, tie-break included). A larger one first has its common prefix/suffix matched directly,
-    each cut back to the last position that is a token boundary on both sides (so the DP still
-    places the gaps next to it); what is left gets the full DP when small, else it is deferred
-    (appended to out[no], returns no + 1) or gets the banded DP."""
+def align_region(ab, a0, a1, b0, b1, prm, out, no):
+    """Align a[a0:a1] with b[b0:b1] (`Streams` ab, `DPParams` prm). A region of <= prm.full_cells
+    cells gets the full DP as it is (exact, tie-break included). A larger one first has its common
+    prefix/suffix matched directly, each cut back to the last position that is a token boundary on
+    both sides (so the DP still places the gaps next to it); what is left gets the full DP when
+    small, else it is deferred (prm.defer: appended to out[no], returns no + 1) or gets the banded
+    DP."""
     if a1 - a0 == 0 and b1 - b0 == 0:
         return no
-    a0, b0, a1, b1 = widen(fa, fb, mt, ms, a0, a1, b0, b1)
+    full_cells = prm.full_cells
+    a0, b0, a1, b1 = widen(ab, a0, a1, b0, b1)
     n = a1 - a0
     m = b1 - b0
     if n == 0 or m == 0:
@@ -316,9 +349,9 @@ def align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half,
     if (n + 1) * (m + 1) <= full_cells:
         lo = np.zeros(n + 1, np.int64)
         hi = np.full(n + 1, m, np.int64)
-        gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
+        gotoh(ab, a0, a1, b0, b1, lo, hi, prm.go, prm.ge)
         return no
-    p, s = trim_common(a, b, fa, fb, a0, a1, b0, b1, mt, ms)
+    p, s = trim_common(ab, a0, a1, b0, b1)
     a0 += p
     b0 += p
     a1 -= s
@@ -330,15 +363,15 @@ def align_region(a, b, fa, fb, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half,
     if (n + 1) * (m + 1) <= full_cells:
         lo = np.zeros(n + 1, np.int64)
         hi = np.full(n + 1, m, np.int64)
-    elif defer:
+    elif prm.defer:
         out[no, 0] = a0
         out[no, 1] = a1
         out[no, 2] = b0
         out[no, 3] = b1
         return no + 1
     else:
-        lo, hi = band_rows(n, m, half)
-    gotoh(a[a0:a1], b[b0:b1], fa[a0:a1 + 1], fb[b0:b1 + 1], lo, hi, go, ge, mt, ms, a0, b0)
+        lo, hi = band_rows(n, m, prm.half)
+    gotoh(ab, a0, a1, b0, b1, lo, hi, prm.go, prm.ge)
     return no
 
 
@@ -390,11 +423,15 @@ def lis(v):
 
 
 @njit(cache=True, nogil=True)
-def segments_and_regions(a, b, fa, fb, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge, full_cells, half,
-                          defer):
-    """Anchors (pi[q], pj[q]) of k equal bytes, monotone. Mark anchor bytes matched (dropping
-    ones that overlap the previous segment off its diagonal), then align the regions between.
-    Returns the large regions left for finer anchoring (int64 [r, 4]; empty unless defer)."""
+def segments_and_regions(ab, pi, pj, k, a0, a1, b0, b1, prm):
+    """Anchors (pi[q], pj[q]) of k equal bytes, monotone, in the region [a0, a1) x [b0, b1) of the
+    `Streams` ab. Mark anchor bytes matched (dropping ones that overlap the previous segment off its
+    diagonal), then align the regions between (`align_region`, `DPParams` prm). Returns the large
+    regions left for finer anchoring (int64 [r, 4]; empty unless prm.defer)."""
+    a = ab.a
+    b = ab.b
+    mt = ab.mt
+    ms = ab.ms
     out = np.empty((pi.shape[0] + 1, 4), np.int64)
     no = 0
     ea = a0  # end of the last segment
@@ -423,8 +460,8 @@ def segments_and_regions(a, b, fa, fb, pi, pj, k, a0, a1, b0, b1, mt, ms, go, ge
         for x in range(k):  # mark the anchor first: the region before it may widen into it
             mt[i + x] = j + x
             ms[j + x] = i + x
-        no = align_region(a, b, fa, fb, ea, i, eb, j, mt, ms, go, ge, full_cells, half, defer, out, no)
+        no = align_region(ab, ea, i, eb, j, prm, out, no)
         ea = i + k
         eb = j + k
-    no = align_region(a, b, fa, fb, ea, a1, eb, b1, mt, ms, go, ge, full_cells, half, defer, out, no)
+    no = align_region(ab, ea, a1, eb, b1, prm, out, no)
     return out[:no].copy()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .dp import (ANCHOR_K, BAND_HALF, CUT_ALL, CUT_BOUND, CUT_END, CUT_SPECIAL, FULL_DP_CELLS, GAP_EXTEND, GAP_OPEN,
-                 INF, LAST_FULL_DP_CELLS, gotoh, kgram_hash, lis, segments_and_regions, trim_common)
+                 INF, LAST_FULL_DP_CELLS, DPParams, Streams, gotoh, kgram_hash, lis, segments_and_regions,
+                 trim_common)
 
 __all__ = ["byte_match", "dp_match", "cut_flags", "anchors"]
 
@@ -64,11 +65,12 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
     ms = np.full(m, -1, np.int64)
     if n == 0 or m == 0:
         return mt, ms
+    ab = Streams(a, b, fa, fb, mt, ms)
     # common prefix / suffix, each cut back to the last position that is a token boundary on both
     # sides (unless it consumes everything), so the DP still places the gaps next to it
     p = s = 0
     if (n + 1) * (m + 1) > full_cells:  # small: the exact DP does it all
-        p, s = trim_common(a, b, fa, fb, 0, n, 0, m, mt, ms)
+        p, s = trim_common(ab, 0, n, 0, m)
     # anchored refinement: unique k-grams at decreasing k; large regions left between anchors
     # are re-anchored (unique within the region) with a smaller k, then banded as a last resort
     regions = np.array([[p, n - s, p, m - s]], dtype=np.int64)
@@ -85,8 +87,8 @@ def byte_match(a: np.ndarray, b: np.ndarray, *, k: int = ANCHOR_K, full_cells: i
                 pi, pj = anchors(a[a0:a1], b[b0:b1], kk)
                 pi, pj, kq = pi + a0, pj + b0, kk
             fc = full_cells if kk is not None else max(full_cells, last_full_cells)
-            todo.append(segments_and_regions(a, b, fa, fb, pi, pj, kq, a0, a1, b0, b1, mt, ms, go, ge, fc,
-                                              half, kk is not None))
+            prm = DPParams(int(go), int(ge), int(fc), int(half), kk is not None)
+            todo.append(segments_and_regions(ab, pi, pj, kq, a0, a1, b0, b1, prm))
         regions = np.concatenate(todo) if todo else np.empty((0, 4), np.int64)
         if regions.shape[0] == 0:
             break
@@ -107,7 +109,8 @@ def dp_match(a: np.ndarray, b: np.ndarray, go: int = GAP_OPEN, ge: int = GAP_EXT
     ms = np.full(b.shape[0], -1, np.int64)
     lo = np.zeros(a.shape[0] + 1, np.int64)
     hi = np.full(a.shape[0] + 1, b.shape[0], np.int64)
-    cost, splits, misses = gotoh(a, b, fa, fb, lo, hi, go, ge, mt, ms, 0, 0)
+    ab = Streams(a, b, fa, fb, mt, ms)
+    cost, splits, misses = gotoh(ab, 0, a.shape[0], 0, b.shape[0], lo, hi, int(go), int(ge))
     return mt, ms, int(cost), int(splits), int(misses)
 
 
