@@ -288,7 +288,6 @@ def test_damaged_projection_file_never_a_traceback(tmp_path_factory, w_file, ds)
     _check_w(tmp_path_factory.mktemp("dw"), w_file, ds, exact_values=False)
 
 
-@pytest.mark.xfail(strict=False, reason=_RELIABILITY)
 @settings(max_examples=120, **SETTINGS)
 @given(ds=damages())
 def test_damaged_projection_file_never_a_silent_wrong_value(tmp_path_factory, w_file, ds):
@@ -347,8 +346,6 @@ def _check_store(tmp_path, store_dir, target, ds, exact_values: bool):
         assert got == ref, f"damaged {rel} ({ds}) read with different values and no error"
 
 
-@pytest.mark.xfail(strict=False, reason=_RELIABILITY + "; on main: UnicodeDecodeError from a damaged manifest, "
-                   "OSError (thrift / zstd) from a damaged shard")
 @settings(max_examples=120, **SETTINGS)
 @given(target=st.sampled_from(["shard", "manifest"]), ds=damages())
 def test_damaged_store_never_a_traceback(tmp_path_factory, store_dir, target, ds):
@@ -357,7 +354,6 @@ def test_damaged_store_never_a_traceback(tmp_path_factory, store_dir, target, ds
     _check_store(tmp_path_factory.mktemp("ds"), store_dir, target, ds, exact_values=False)
 
 
-@pytest.mark.xfail(strict=False, reason=_RELIABILITY)
 @settings(max_examples=120, **SETTINGS)
 @given(target=st.sampled_from(["shard", "manifest"]), ds=damages())
 def test_damaged_store_never_a_silent_wrong_value(tmp_path_factory, store_dir, target, ds):

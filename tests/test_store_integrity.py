@@ -49,6 +49,7 @@ def _strip_checksums(store):
     """The manifest as an older xtok wrote it (no checksums)."""
     p = store / "manifest.json"
     man = json.loads(p.read_text())
+    man.pop("manifest_sha256", None)
     for s in man["shards"]:
         for f in ("bytes", "sha256", "row_group_xxh3"):
             s.pop(f, None)
@@ -375,3 +376,22 @@ def test_resume_accepts_the_same_dataset_under_another_spelling(tmp_path):
         StoreWriter(s, dict(other, dataset_fingerprint="0" * 64))
     with pytest.raises(StoreError, match=r"differs in: dataset_fingerprint$|differs in: dataset_fingerprint\)"):
         StoreWriter(s, dict(h, dataset_fingerprint="0" * 64))
+
+
+def test_edited_manifest_is_refused_and_rewritten(tmp_path):
+    """manifest.json carries its own checksum: a manifest edited or damaged after it was written (here one
+    shard file name) is a StoreError naming manifest.json, not a misleading 'shard missing'; the writer
+    treats it as absent (it is derived from the parts) and finish() merges it again."""
+    from xtok.store import StoreError, StoreWriter, TeacherStore
+    from xtok.store.writer import merge_manifests
+
+    s = tmp_path / "s"
+    man, _ = _store(s, n_shards=2)
+    p = s / "manifest.json"
+    good = p.read_bytes()
+    p.write_bytes(good.replace(b"r000of001-00001", b"r010of001-00001"))
+    with pytest.raises(StoreError, match=r"manifest\.json: its content does not match its manifest_sha256"):
+        TeacherStore(s)
+    merge_manifests(s)
+    assert p.read_bytes() == good and len(TeacherStore(s)) == sum(x["n"] for x in man["shards"])
+

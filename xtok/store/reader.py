@@ -11,7 +11,7 @@ import numpy as np
 from .codec import FORMAT_VERSION, PACKED_COLUMNS, PackedExample, TeacherExample, code_probs, decode_example
 from .fs import StoreFS
 from .integrity import row_group_ranges, xxh3_hex
-from .writer import DamagedShardError, StoreError
+from .writer import DamagedShardError, StoreError, manifest_checksum
 
 __all__ = ["TeacherStore", "DEFAULT_CACHE_BYTES"]
 
@@ -48,6 +48,11 @@ class TeacherStore:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{self.path}/manifest.json: not valid JSON ({e}); re-run the same `xtok extract` "
                              "command to rewrite it.") from None
+        want = self.manifest.get("manifest_sha256") if isinstance(self.manifest, dict) else None
+        if want is not None and want != manifest_checksum(self.manifest):
+            raise StoreError(f"{self.path}/manifest.json: its content does not match its manifest_sha256 (edited or "
+                             "damaged after it was written); re-run the same `xtok extract` command to rewrite it "
+                             "(the shards are kept).")
         if not isinstance(self.manifest, dict) or self.manifest.get("format_version") != FORMAT_VERSION:
             got = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
             raise StoreError(f"{self.path}: store format {got} but this xtok reads "
@@ -176,9 +181,10 @@ class TeacherStore:
         """decode() of example i; a row that does not decode is a damaged shard, named."""
         try:
             return decode()
-        except (ValueError, IndexError, TypeError, OverflowError) as e:
+        except (ValueError, IndexError, TypeError, OverflowError, KeyError) as e:
             s, r = self._where(i)
-            raise self._damaged(s, f"its row does not decode ({e})", self._keys[i]) from None
+            why = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise self._damaged(s, f"its row does not decode ({why})", self._keys[i]) from None
 
     def _parquet(self, s: int, key: str | None = None):
         """The opened shard s (parquet file over a memory map for local stores), its size checked against

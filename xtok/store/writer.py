@@ -149,9 +149,12 @@ class StoreWriter:
                 raise
 
         self._recorded: dict[str, dict] = {}  # shard file -> its record in the manifest / a finished part
-        if self.io.exists("manifest.json"):
+        man = read("manifest.json") if self.io.exists("manifest.json") else None
+        if isinstance(man, dict) and man.get("manifest_sha256") not in (None, manifest_checksum(man)):
+            man = None  # damaged or edited after it was written: derived from the parts, merged again at finish
+            self.io.remove("manifest.json")
+        if man is not None:
             # the manifest is the shared header plus the merged fields (see merge_manifests)
-            man = read("manifest.json")
             found.append(("manifest.json", {k: v for k, v in man.items() if k not in MERGED_FIELDS}))
             for sh in man.get("shards") or []:
                 if isinstance(sh, dict) and "file" in sh:
@@ -250,7 +253,7 @@ class StoreWriter:
 
 
 # manifest.json = the rank parts' shared header + these fields, written by merge_manifests
-MERGED_FIELDS = ("n_examples", "skipped", "stats", "shards")
+MERGED_FIELDS = ("n_examples", "skipped", "stats", "shards", "manifest_sha256")
 META_HEADER = "xtok.header"   # parquet schema metadata of every shard: the writer's header (JSON)
 META_SHARD = "xtok.shard"     # ... and the shard's record {rank, world, j, n, skipped} (JSON)
 ROW_GROUP_BYTES = 1 << 19     # target (uncompressed) bytes of a shard row group; at least one example per group
@@ -318,5 +321,16 @@ def merge_manifests(path, require_complete: bool = True, quiet: bool = False) ->
     man = dict(parts[0]["header"])
     man.update({"world": world, "n_examples": sum(s["n"] for s in shards), "skipped": skipped, "stats": stats,
                 "shards": shards})
+    man["manifest_sha256"] = manifest_checksum(man)
     io.write_atomic("manifest.json", _json_bytes(man))
     return man
+
+
+def manifest_checksum(man: dict) -> str:
+    """sha256 (hex) of a manifest's content without its own `manifest_sha256` field (canonical JSON:
+    sorted keys, UTF-8): written by merge_manifests, checked by the reader, so a manifest edited or
+    damaged after it was written (a shard name, a key, a count) is refused instead of misread."""
+    import hashlib
+
+    body = {k: v for k, v in man.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
