@@ -102,7 +102,8 @@ def extract_cmd(**kw):
     man = res["manifest"]
     msg = {"rank": res["rank"], "world": res["world"], "new_examples": st["examples"], "positions": st["positions"],
            "tokens": st["tokens"], "skipped_too_long": st["too_long"], "skipped_no_targets": st["no_targets"],
-           "duplicates": st["duplicates"], "empty": st["empty"], "seconds": round(st["seconds"], 2),
+           "duplicates": st["duplicates"], "empty": st["empty"], "undecodable": st.get("undecodable", 0),
+           "seconds": round(st["seconds"], 2),
            "max_length": st["max_length"]}
     if st["max_length_note"]:
         msg["max_length_note"] = st["max_length_note"]
