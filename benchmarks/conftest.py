@@ -8,6 +8,11 @@ Shared helpers:
 - `run_fresh(code, *args)`: run a Python snippet in a fresh interpreter (a new process image: nothing
   of this process's memory is counted), return the JSON object it prints last. `memory.py` holds what
   such a child uses to measure its own peak memory.
+
+Why not pytest-benchmark's `benchmark` fixture: it times one callable per test by wall clock, while every
+benchmark here times xtok *and* its reference (plus per-stage splits and memory children) under the same
+CPU-time clock on a shared machine; `rounds()` gives the median and spread those comparisons need. The
+package is therefore not a dependency.
 """
 from __future__ import annotations
 
