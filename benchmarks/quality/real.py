@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -95,6 +94,9 @@ def parse_args(argv):
     ap.add_argument("--docs-dir", default=str(REPO / "docs"))
     ap.add_argument("--no-docs", action="store_true", help="write only the JSON")
     ap.add_argument("--prepare-only", action="store_true", help="build the cached artefacts and stop")
+    ap.add_argument("--fresh-runs", action="store_true",
+                    help="train every student again (default: reuse a student trained by the same code with the "
+                         "same settings, cached under <cache>/runs/)")
     ap.add_argument("--log-every", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -136,6 +138,8 @@ def prepare(args, cfg: RealCorpusConfig, methods: list[str], cache: Path) -> dic
     held_keys = corpus.split.keys("heldout")
     src = np.asarray(corpus.split.heldout_source)
     for name, t in teachers.items():
+        if name not in need:
+            continue
         store, info = rp.extract_store(name, t["path"], data, corpus, cache, args.top_k, args.threads)
         t.update(store=str(store), extract=info, sha256=rp.file_sha256(t["path"], cache),
                  tokenizer=toks[name].name, vocab_size=toks[name].vocab_size,
@@ -165,6 +169,8 @@ def diagnostics(prep: dict, methods: list[str]) -> dict:
     lut = torch.as_tensor(side.compact_lut())
     out = {}
     for name, t in teachers.items():
+        if "store" not in t or not any(m.startswith("xtok") and name in METHODS[m][2] for m in methods):
+            continue
         col = rm.xtok_collator(side, [{"name": name, "tokenizer": t["path"], "store": t["store"], "W": t["W"]}])
         n_lab = n_tgt = n_chunk = 0
         mass = tail = lost = one = 0.0
@@ -232,10 +238,12 @@ def _state(job: dict) -> dict:
         _W["key"] = key
         corpus = build_real_corpus(RealCorpusConfig(**job["corpus_cfg"]))
         corpus.add_side("B", load_tokenizer(job["student_tokenizer"]))
-        if PRIMARY in job["teachers"]:
-            _W["tok_" + PRIMARY] = load_tokenizer(job["teachers"][PRIMARY]["path"])
-            corpus.add_side("S", _W["tok_" + PRIMARY])
         _W["corpus"] = corpus
+    if PRIMARY in job["teacher_files"] and "tok_" + PRIMARY not in _W:
+        from xtok.tokens import load_tokenizer
+
+        _W["tok_" + PRIMARY] = load_tokenizer(job["teacher_files"][PRIMARY])
+        _W["corpus"].add_side("S", _W["tok_" + PRIMARY])
     return _W
 
 
@@ -265,7 +273,9 @@ def make_objective(job: dict, st: dict):
     if m == "uld":
         return rm.uld_objective(side, reader(PRIMARY), a), side
     if m == "gold":
-        return rm.gold_objective(side, st["tok_" + PRIMARY], reader(PRIMARY), a), side
+        from xtok.tokens import load_tokenizer
+
+        return rm.gold_objective(side, load_tokenizer(T[PRIMARY]["path"]), reader(PRIMARY), a), side
     if m == "xtok_kl":
         return rm.xtok_objective(side, corpus.split, collator([PRIMARY]), {PRIMARY: 1.0}, {}, a), side
     if m == "xtok_kl_chunk":
@@ -274,12 +284,47 @@ def make_objective(job: dict, st: dict):
     if m == "xtok_kl_gemma":
         return rm.xtok_objective(side, corpus.split, collator([SECOND]), {SECOND: 1.0}, {}, a), side
     if m == "xtok_two":
-        return rm.xtok_objective(side, corpus.split, collator([PRIMARY, SECOND]), {PRIMARY: 0.5, SECOND: 0.5},
+        return rm.xtok_objective(side, corpus.split, collator([PRIMARY, SECOND]), job["two_teacher_weights"],
                                  {}, a), side
     raise ValueError(m)
 
 
+RUN_VERSION = 1   # bump when make_objective / _run_job change what a student run computes
+
+
+def code_hash() -> str:
+    """sha256 of the source files a student's result depends on (the losses, model, data and xtok), plus
+    RUN_VERSION for this file's job code: a cached run is reused only by the same code."""
+    import hashlib
+
+    h = hashlib.sha256(str(RUN_VERSION).encode())
+    here = Path(__file__).parent
+    files = [here / f for f in ("real_methods.py", "model.py", "real_data.py", "data.py")] + \
+        sorted((REPO / "xtok").rglob("*.py"))
+    for f in files:
+        h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(job: dict) -> str:
+    keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache")}
+    return f"{job['method']}-s{job['seed']}-" + rp._sha(keep)
+
+
 def run_job(job: dict) -> dict:
+    cached = Path(job["run_cache"]) / f"{run_key(job)}.json" if job.get("run_cache") else None
+    if cached is not None and cached.exists():
+        return dict(json.loads(cached.read_text()), cached=True)
+    r = _run_job(job)
+    if cached is not None and "error" not in r:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(r))
+        tmp.replace(cached)
+    return dict(r, cached=False)
+
+
+def _run_job(job: dict) -> dict:
     try:
         st = _state(job)
         objective, side = make_objective(job, st)
@@ -403,14 +448,19 @@ def main(argv=None) -> dict:
     diag = diagnostics(prep, methods)
     print("diagnostics: " + json.dumps(diag), flush=True)
 
-    teachers = prep["teachers"]
+    teachers = {n: t for n, t in prep["teachers"].items() if "store" in t}
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=max(10, steps // 10))
-    state_key = rp._sha(asdict(cfg), args.student_tokenizer, {n: t["store"] for n, t in teachers.items()})
-    jobs = [dict(method=m, seed=s, alpha=args.alpha, chunk_weight=args.chunk_weight, corpus_cfg=asdict(cfg),
+    state_key = rp._sha(asdict(cfg), args.student_tokenizer)
+    two_w = {PRIMARY: 0.5, SECOND: 0.5}
+    jobs = [dict(method=m, seed=s, alpha=args.alpha, corpus_cfg=asdict(cfg),
+                 **({"two_teacher_weights": two_w} if m == "xtok_two" else {}),
+                 **({"chunk_weight": args.chunk_weight} if m == "xtok_kl_chunk" else {}),
                  student_tokenizer=args.student_tokenizer,
-                 teachers={n: {k: t[k] for k in ("path", "store", "W")} for n, t in teachers.items()},
+                 teachers={n: {k: teachers[n][k] for k in ("path", "store", "W")} for n in METHODS[m][2]},
+                 teacher_files={PRIMARY: teachers[PRIMARY]["path"]} if METHODS[m][1] == "S" else {},
                  model_cfg=asdict(ModelConfig(**mcfg)), train_cfg=asdict(tcfg), log_every=args.log_every,
-                 state_key=state_key)
+                 state_key=state_key, code=code_hash(),
+                 run_cache=None if args.fresh_runs else str(cache / "runs"))
             for s in seeds for m in methods]
     jobs.sort(key=lambda j: (-COST[j["method"]], j["seed"]))
     results = {m: {"label": METHODS[m][0], "short": METHODS[m][3], "tokenizer_side": METHODS[m][1],
@@ -420,8 +470,8 @@ def main(argv=None) -> dict:
         if "error" in r:
             print(f"{r['method']:14s} seed {r['seed']}: FAILED {r['error']}", flush=True)
         else:
-            print(f"{r['method']:14s} seed {r['seed']}: held-out bpb {r['bpb']:.4f} (train {r['train_seconds']:.0f}s, "
-                  f"elapsed {time.time() - t_start:.0f}s)", flush=True)
+            print(f"{r['method']:14s} seed {r['seed']}: held-out bpb {r['bpb']:.4f} (train {r['train_seconds']:.0f}s"
+                  f"{', cached' if r.get('cached') else ''}, elapsed {time.time() - t_start:.0f}s)", flush=True)
 
     if args.workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -454,7 +504,7 @@ def main(argv=None) -> dict:
         "settings": {"student_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "alpha": args.alpha,
                      "top_k": args.top_k, "chunk_weight": args.chunk_weight, "warmup": tcfg.warmup,
                      "student_model": asdict(ModelConfig(**mcfg)), "student_tokenizer": args.student_tokenizer,
-                     "corpus": asdict(cfg), "two_teacher_weights": {PRIMARY: 0.5, SECOND: 0.5}},
+                     "corpus": asdict(cfg), "two_teacher_weights": two_w},
         "corpus": prep["corpus"].summary(),
         "teachers": {n: {k: v for k, v in t.items()} for n, t in teachers.items()},
         "methods": results,
