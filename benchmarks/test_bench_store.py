@@ -516,6 +516,16 @@ def test_bytes_and_fidelity_real_teachers(tmp_path, teacher):
         assert b_kl.mean() < KL_FIDELITY and b_kl.max() < 2e-3, res
     print(f"\n[xtok-bench] store bytes and fidelity, {teacher} ({Path(path).name}, V={V}), {n_pos} positions:\n"
           + "\n".join(lines), flush=True)
+    md = []   # the rows of docs/formats.md's "Real teachers" table
+    for r in results:
+        setting = f"{r['k']}" + (f", top-p {r['top_p']}" if r["top_p"] else "") + (f", m = {r['m']}" if r["m"] else "")
+        anchor = f"{r['best_anchor']} at k = {r['k_anchor']}" if r["top_p"] else r["best_anchor"]
+        md.append(f"| {teacher} | {setting} | {r['stored_mass']:.3f} | {r['xtok_zstd']:.1f} | {r['xtok_same_zstd']:.1f} "
+                  f"({r['xtok_same_raw']:.1f}) | {anchor}: {r['best_anchor_zstd']:.1f} | "
+                  + (f"{r['nemo_zstd']:.1f}" if r["nemo_zstd"] else "") + f" | {r['ratio_zstd']:.2f} | "
+                  f"{r['kl_bucket_mean']:.1e} | " + (f"{r['kl_bucket_0seba']:.1e}" if r["kl_bucket_0seba"] else "")
+                  + f" | {'met' if r['met'] else 'missed'} |")
+    print("\n".join(md), flush=True)
     out = os.environ.get("XTOK_BENCH_JSON")
     if out:   # collect the rows for docs/formats.md
         with open(out, "a") as f:

@@ -111,12 +111,17 @@ def extract_store(name: str, model: str, data: Path, corpus, cache: Path, top_k:
     opts = {"top_k": top_k, "targets": "all", "add_bos": "default", "dtype": "float32", "device": "cpu"}
     key = _sha(corpus.fingerprint(), file_sha256(model, cache), opts)
     store = cache / f"store-{name}-{key}"
+    made = cache / f"{store.name}.made.json"          # how long the extraction took when it ran
     info = {"path": str(store), "model": model, "options": opts, "cached": (store / "manifest.json").exists()}
     if not info["cached"]:
         t0 = time.time()
         xtok_cli(["extract", "--model", model, "--dataset", str(data), "--output", str(store), "--top-k", str(top_k),
                   "--dtype", "float32", "--device", "cpu", "--quiet"], threads, log=cache / f"extract-{name}.log")
         info["extract_seconds"] = time.time() - t0
+        made.write_text(json.dumps({"extract_seconds": info["extract_seconds"], "threads": threads,
+                                    "when": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    elif made.exists():
+        info["made"] = json.loads(made.read_text())
     return store, info
 
 

@@ -131,8 +131,14 @@ def render_md(report: dict, png_name: str = "results.png") -> str:
           f"{100 * g['topk_mass_on_matched_ids']:.1f} % of the teacher's top-k mass at chunk starts is on them (the "
           f"rest goes through the sorted, id-blind ULD term); {g['chunk_starts_per_student_token']:.3f} chunk starts per "
           f"student token.\n") if g else ""
-    tline = "; ".join(f"{n}: `xtok extract` {t['extract'].get('extract_seconds', 0) / 60:.0f} min"
-                      + (" (cached)" if t["extract"].get("cached") else "") for n, t in T.items())
+    def _ext(t):
+        e = t["extract"]
+        if not e.get("cached"):
+            return f"`xtok extract` {e['extract_seconds'] / 60:.0f} min"
+        if e.get("made"):
+            return f"store cached by an earlier run, whose `xtok extract` took {e['made']['extract_seconds'] / 60:.0f} min"
+        return "store cached by an earlier run"
+    tline = "; ".join(f"{n}: {_ext(t)}" for n, t in T.items())
     A = c.get("B", {})
     S = c.get("S", {})
     return f"""# Distillation quality benchmark: real pretrained teachers
