@@ -56,7 +56,8 @@ PRESETS = {
     # examples (1.6 epochs) and by far more with this subset, so the data-limited setting is the one that
     # tells methods apart. The stores cover every example (`--train-every 1` reruns the full-data setting).
     "real": dict(steps=300, seeds=[0, 1, 2], train_every=4, model=dict(dim=128, layers=4, heads=4, ffn=384),
-                 corpus=RealCorpusConfig()),
+                 corpus=RealCorpusConfig(),
+                 sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"])),
     # CI smoke: tiny teachers/corpus passed on the command line (tests/test_quality_smoke.py)
     "real-smoke": dict(steps=2, seeds=[0], model=dict(dim=32, layers=1, heads=2, ffn=64),
                        corpus=RealCorpusConfig(shakespeare_bytes=6000, shakespeare_blocks=4, gsm8k_problems=6,
@@ -92,6 +93,8 @@ def parse_args(argv):
     ap.add_argument("--train-every", type=int, default=None,
                     help="students train on every n-th training example (preset real: see PRESETS); the teacher "
                          "stores hold them all")
+    ap.add_argument("--no-sizing", action="store_true",
+                    help="skip the sizing runs (the preset's methods on every training example, reported beside)")
     ap.add_argument("--dim", type=int, default=None, help="student width (preset: 128)")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in all (split over the workers)")
@@ -314,21 +317,21 @@ def code_hash() -> str:
 
 
 def run_key(job: dict) -> str:
-    keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache")}
+    keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache", "group")}
     return f"{job['method']}-s{job['seed']}-" + rp._sha(keep)
 
 
 def run_job(job: dict) -> dict:
     cached = Path(job["run_cache"]) / f"{run_key(job)}.json" if job.get("run_cache") else None
     if cached is not None and cached.exists():
-        return dict(json.loads(cached.read_text()), cached=True)
+        return dict(json.loads(cached.read_text()), cached=True, group=job["group"])
     r = _run_job(job)
     if cached is not None and "error" not in r:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(r))
         tmp.replace(cached)
-    return dict(r, cached=False)
+    return dict(r, cached=False, group=job["group"])
 
 
 def _run_job(job: dict) -> dict:
@@ -465,27 +468,42 @@ def main(argv=None) -> dict:
     state_key = rp._sha(asdict(cfg), args.student_tokenizer)
     two_w = {PRIMARY: 0.5, SECOND: 0.5}
     train_every = args.train_every or pre.get("train_every", 1)
-    jobs = [dict(method=m, seed=s, alpha=args.alpha, corpus_cfg=asdict(cfg),
-                 **({"train_every": train_every} if train_every > 1 else {}),
-                 **({"two_teacher_weights": two_w} if m == "xtok_two" else {}),
-                 **({"chunk_weight": args.chunk_weight} if m == "xtok_kl_chunk" else {}),
-                 student_tokenizer=args.student_tokenizer,
-                 teachers={n: {k: teachers[n][k] for k in ("path", "store", "W")} for n in METHODS[m][2]},
-                 teacher_files={PRIMARY: teachers[PRIMARY]["path"]} if METHODS[m][1] == "S" else {},
-                 model_cfg=asdict(ModelConfig(**mcfg)), train_cfg=asdict(tcfg), log_every=args.log_every,
-                 state_key=state_key, code=code_hash(),
-                 run_cache=None if args.fresh_runs else str(cache / "runs"))
-            for s in seeds for m in methods]
-    jobs.sort(key=lambda j: (-COST[j["method"]], j["seed"]))
-    results = {m: {"label": METHODS[m][0], "short": METHODS[m][3], "tokenizer_side": METHODS[m][1],
-                    "teachers": list(METHODS[m][2]), "runs": []} for m in methods}
+    sizing = None if args.no_sizing or args.train_every else pre.get("sizing")
+
+    def make_jobs(group, ms, every):
+        return [dict(method=m, seed=s, alpha=args.alpha, corpus_cfg=asdict(cfg), group=group,
+                     **({"train_every": every} if every > 1 else {}),
+                     **({"two_teacher_weights": two_w} if m == "xtok_two" else {}),
+                     **({"chunk_weight": args.chunk_weight} if m == "xtok_kl_chunk" else {}),
+                     student_tokenizer=args.student_tokenizer,
+                     teachers={n: {k: teachers[n][k] for k in ("path", "store", "W")} for n in METHODS[m][2]},
+                     teacher_files={PRIMARY: teachers[PRIMARY]["path"]} if METHODS[m][1] == "S" else {},
+                     model_cfg=asdict(ModelConfig(**mcfg)), train_cfg=asdict(tcfg), log_every=args.log_every,
+                     state_key=state_key, code=code_hash(),
+                     run_cache=None if args.fresh_runs else str(cache / "runs"))
+                for s in seeds for m in ms]
+
+    jobs = make_jobs("main", methods, train_every)
+    groups = {"main": methods}
+    if sizing:
+        sm = [m for m in sizing["methods"] if m in methods]
+        jobs += make_jobs("sizing", sm, sizing["train_every"])
+        groups["sizing"] = sm
+    jobs.sort(key=lambda j: (-COST[j["method"]], j["group"] != "main", j["seed"]))
+    res = {g: {m: {"label": METHODS[m][0], "short": METHODS[m][3], "tokenizer_side": METHODS[m][1],
+                   "teachers": list(METHODS[m][2]), "runs": []} for m in ms} for g, ms in groups.items()}
 
     def log(r):
+        tag = f"{r['method']}{' [sizing]' if r['group'] != 'main' else ''}"
         if "error" in r:
-            print(f"{r['method']:14s} seed {r['seed']}: FAILED {r['error']}", flush=True)
+            print(f"{tag:23s} seed {r['seed']}: FAILED {r['error']}", flush=True)
         else:
-            print(f"{r['method']:14s} seed {r['seed']}: held-out bpb {r['bpb']:.4f} (train {r['train_seconds']:.0f}s"
+            print(f"{tag:23s} seed {r['seed']}: held-out bpb {r['bpb']:.4f} (train {r['train_seconds']:.0f}s"
                   f"{', cached' if r.get('cached') else ''}, elapsed {time.time() - t_start:.0f}s)", flush=True)
+
+    def collect(r):
+        log(r)
+        res[r.pop("group")][r.pop("method")]["runs"].append(r)
 
     if args.workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -493,30 +511,30 @@ def main(argv=None) -> dict:
         with mp.get_context("spawn").Pool(args.workers, initializer=_worker_init,
                                           initargs=(max(1, args.threads // args.workers),)) as pool:
             for r in pool.imap_unordered(run_job, jobs):
-                log(r)
-                results[r.pop("method")]["runs"].append(r)
+                collect(r)
     else:
         for j in jobs:
-            r = run_job(j)
-            log(r)
-            results[r.pop("method")]["runs"].append(r)
-    for m in methods:
-        errs = [r for r in results[m]["runs"] if "error" in r]
-        results[m]["runs"] = sorted((r for r in results[m]["runs"] if "error" not in r), key=lambda r: r["seed"])
-        if errs:
-            results[m]["errors"] = [e["error"] for e in errs]
-        if results[m]["runs"]:
-            results[m]["bpb"] = summarise([r["bpb"] for r in results[m]["runs"]])
-            results[m]["bpb_by_source"] = {
-                s: summarise([r["bpb_by_source"][s] for r in results[m]["runs"]])
-                for s in results[m]["runs"][0]["bpb_by_source"]}
+            collect(run_job(j))
+    for g, ms in groups.items():
+        for m in ms:
+            rr = res[g][m]
+            errs = [r for r in rr["runs"] if "error" in r]
+            rr["runs"] = sorted((r for r in rr["runs"] if "error" not in r), key=lambda r: r["seed"])
+            if errs:
+                rr["errors"] = [e["error"] for e in errs]
+            if rr["runs"]:
+                rr["bpb"] = summarise([r["bpb"] for r in rr["runs"]])
+                rr["bpb_by_source"] = {s: summarise([r["bpb_by_source"][s] for r in rr["runs"]])
+                                       for s in rr["runs"][0]["bpb_by_source"]}
+    results = res["main"]
+    n_train = len(prep["corpus"].split.train)
 
     report = {
         "preset": args.preset,
         "command": " ".join(["python", "benchmarks/quality/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "seeds": seeds,
         "settings": {"student_steps": steps, "train_every": train_every,
-                     "train_examples_used": len(range(0, len(prep["corpus"].split.train), train_every)),
+                     "train_examples_used": len(range(0, n_train, train_every)),
                      "batch_size": args.batch_size, "lr": args.lr, "alpha": args.alpha,
                      "top_k": args.top_k, "chunk_weight": args.chunk_weight, "warmup": tcfg.warmup,
                      "student_model": asdict(ModelConfig(**mcfg)), "student_tokenizer": args.student_tokenizer,
@@ -532,6 +550,11 @@ def main(argv=None) -> dict:
         "gpu": "none: no GPU was lent to this task; every figure is from the CPU run",
     }
     report["targets"] = targets(report)
+    if sizing:
+        report["sizing"] = {"train_every": sizing["train_every"],
+                            "train_examples_used": len(range(0, n_train, sizing["train_every"])),
+                            "methods": res["sizing"]}
+        report["sizing"]["targets"] = targets(report["sizing"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"wrote {out} ({report['wall_seconds']:.0f}s)", flush=True)
