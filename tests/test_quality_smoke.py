@@ -1,7 +1,9 @@
 """Fast checks of the quality benchmark's metric and baseline losses against slow, independent
-re-computations (benchmarks/quality; the benchmark itself runs with benchmarks/quality/run.py)."""
+re-computations (benchmarks/quality; the benchmark itself runs with benchmarks/quality/run.py), and a
+smoke run of `--preset real` on tiny GGUF teachers written by the test."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -92,3 +94,185 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert not set(lines(a.train)) & set(lines(a.heldout))
     frac = sum(map(len, a.heldout)) / len(text)
     assert 0.07 < frac < 0.13
+
+
+# ------------------------------------------------------------------ the `real` preset (issue 11)
+from benchmarks.quality import real_methods as rm  # noqa: E402
+
+
+def test_bucket_kl_matches_slow_reference():
+    g = torch.Generator().manual_seed(3)
+    lq = torch.randn(5, 12, generator=g, dtype=torch.float64).log_softmax(-1)
+    t = torch.randn(5, 12, generator=g, dtype=torch.float64).softmax(-1)
+    probs, ids = t.topk(4, dim=-1)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 3] = False          # a padded entry: its mass belongs to the tail
+    valid[2, 0] = False
+    got = rm.bucket_kl(lq, ids, probs, valid)
+    for r in range(5):
+        keep = [j for j in range(4) if valid[r, j]]
+        P = [float(probs[r, j]) for j in keep]
+        Q = [math.exp(float(lq[r, ids[r, j]])) for j in keep]
+        P.append(1 - sum(P)); Q.append(1 - sum(Q))
+        ref = sum(a * math.log(a / b) for a, b in zip(P, Q))
+        assert float(got[r]) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_uld_topk_is_the_exact_sorted_l1_when_k_covers_the_support():
+    g = torch.Generator().manual_seed(4)
+    ps = (torch.randn(6, 9, generator=g, dtype=torch.float64) * 2).softmax(-1)
+    pt_full = (torch.randn(6, 9, generator=g, dtype=torch.float64) * 2).softmax(-1)
+    t_sorted = pt_full.sort(-1, descending=True).values
+    exact = [_uld_slow(ps[i].tolist(), pt_full[i].tolist()) for i in range(6)]
+    got = rm.uld_topk(ps, t_sorted, torch.zeros(6, dtype=torch.float64))
+    assert got.tolist() == pytest.approx(exact, rel=1e-9)
+    # with a truncated teacher (top-4 + tail) it is a lower bound of the exact distance
+    low = rm.uld_topk(ps, t_sorted[:, :4], 1 - t_sorted[:, :4].sum(-1))
+    assert (low <= torch.tensor(exact, dtype=torch.float64) + 1e-12).all()
+
+
+def _gold_slow(lq, c_s, t_match, t_probs, t_valid, t_tail, c_t, s_matched):
+    V = len(lq)
+    et, es = math.exp(c_t), math.exp(c_s)
+    Q = [math.exp(x) * es for x in lq]
+    M = [j for j in range(len(t_probs)) if t_valid[j] and t_match[j] >= 0]
+    P = {j: t_probs[j] * et for j in range(len(t_probs)) if t_valid[j]}
+    gkl = sum(P[j] * math.log(P[j] / Q[t_match[j]]) for j in M)
+    p_rest = et - sum(P[j] for j in M)
+    q_rest = es - sum(Q[t_match[j]] for j in M)
+    gkl += p_rest * math.log(p_rest / q_rest) - et + es
+    Ut = sorted((P[j] for j in P if t_match[j] < 0), reverse=True)
+    Us = sorted((Q[v] for v in range(V) if not s_matched[v]), reverse=True)[:len(Ut)]
+    Us += [0.0] * (len(Ut) - len(Us))
+    uld = sum(abs(a - b) for a, b in zip(Ut, Us))
+    uld += abs((sum(Q[v] for v in range(V) if not s_matched[v]) - sum(Us)) - t_tail * et)
+    return gkl, uld
+
+
+def test_gold_terms_match_slow_reference():
+    g = torch.Generator().manual_seed(5)
+    N, V, k = 4, 15, 5
+    lq = torch.randn(N, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    t = torch.randn(N, 20, generator=g, dtype=torch.float64).softmax(-1)
+    t_probs, _ = t.topk(k, dim=-1)
+    t_tail = 1 - t_probs.sum(-1)
+    t_valid = torch.ones(N, k, dtype=torch.bool)
+    t_valid[3, 4] = False
+    t_match = torch.tensor([[0, 3, -1, 7, -1], [-1, -1, -1, -1, -1], [2, 4, 6, 8, 10], [1, -1, 5, -1, 9]])
+    s_matched = torch.zeros(V, dtype=torch.bool)
+    s_matched[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] = True
+    c_s = torch.tensor([0.0, -0.7, -2.1, -0.2], dtype=torch.float64)
+    c_t = torch.tensor([0.0, -0.5, -1.9, -1.0], dtype=torch.float64)
+    gkl, uld = rm.gold_terms(lq, c_s, t_match, t_probs, t_valid, t_tail, c_t, s_matched)
+    for r in range(N):
+        rg, ru = _gold_slow(lq[r].tolist(), float(c_s[r]), t_match[r].tolist(), t_probs[r].tolist(),
+                            t_valid[r].tolist(), float(t_tail[r]), float(c_t[r]), s_matched.tolist())
+        assert float(gkl[r]) == pytest.approx(rg, rel=1e-9, abs=1e-12)
+        assert float(uld[r]) == pytest.approx(ru, rel=1e-9, abs=1e-12)
+    # GKL is a divergence: zero when the teacher equals the student on every bucket (same masses, same c)
+    q_m = lq.gather(-1, t_match.clamp_min(0)).exp()
+    same = t_match >= 0
+    gkl0, _ = rm.gold_terms(lq, c_s, t_match, q_m, same, 1 - torch.where(same, q_m, 0.0).sum(-1), c_s, s_matched)
+    assert float(gkl0.abs().max()) < 1e-10     # (the 1e-12 log guards leave ~1e-11)
+    assert float(gkl.min()) > 0
+
+
+def test_gold_chunks_sum_the_chunks_own_tokens(spm_tok, tekken_tok):
+    from xtok.align import align
+
+    text = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day, Citizen!\n#### 18"
+    multi = set()
+    for tt, st in ((tekken_tok, spm_tok), (spm_tok, tekken_tok)):   # multi-token chunks on either side
+        t_ids = np.concatenate([[tt.bos_id], tt.encode(text)])
+        s_ids = np.concatenate([[st.bos_id], st.encode(text)])
+        lp = -np.random.default_rng(0).random(len(t_ids) - 1).astype(np.float32)
+        g = rm.gold_chunks(tt, st, t_ids, s_ids, lp)
+        chunks = [c for c in align(tt, st, t_ids, s_ids).chunks.tolist() if c[0] >= 1 and c[2] >= 1]
+        assert len(chunks) == len(g["tpos"]) > 10
+        multi |= {"teacher" for c in chunks if c[1] - c[0] > 1} | {"student" for c in chunks if c[3] - c[2] > 1}
+        cont = {}
+        for ci, p in zip(g["cont_chunk"].tolist(), g["cont_pos"].tolist()):
+            cont.setdefault(ci, []).append(p)
+        for i, (t0, t1, s0, s1) in enumerate(chunks):
+            assert g["tpos"][i] == t0 - 1 and g["spos"][i] == s0 - 1
+            assert g["c_t"][i] == pytest.approx(sum(float(lp[p]) for p in range(t0, t1 - 1)), abs=1e-5)
+            assert cont.get(i, []) == list(range(s0, s1 - 1))
+    assert multi == {"teacher", "student"}                    # merges on both sides were exercised
+
+
+def test_real_split_is_deterministic_and_disjoint(tmp_path):
+    from benchmarks.quality.real_data import RealCorpusConfig, build_split
+
+    txt = tmp_path / "t.txt"
+    txt.write_text("".join(f"line {i} " + "y" * (i % 17) + "\n" for i in range(4000)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"})
+                          + "\n" for i in range(50)))
+    cfg = RealCorpusConfig(shakespeare=str(txt), gsm8k=str(qa), shakespeare_bytes=30000, shakespeare_blocks=10,
+                           gsm8k_problems=40, heldout_every=5, example_bytes=300)
+    a, b = build_split(cfg), build_split(cfg)
+    assert a == b
+    assert a.heldout_source.count("gsm8k") == 8 and a.train_source.count("gsm8k") == 32
+    lines = lambda xs: [l for x in xs for l in x.splitlines()]  # noqa: E731
+    assert not set(lines(a.train)) & set(lines(a.heldout))
+    assert sum(len(x) for x, s in zip(a.train + a.heldout, a.train_source + a.heldout_source)
+               if s == "shakespeare") <= 30000
+
+
+@pytest.mark.slow
+def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, shakespeare_text):
+    """`run.py --preset real-smoke`: the real preset's whole path (GGUF teachers through `xtok extract`,
+    `xtok build-projection`, every method, results.json/.md/.png) on two tiny random GGUF teachers written
+    here (CI has no teacher packages), a third tokenizer for the students, and a small corpus."""
+    pytest.importorskip("gguf", reason="the gguf package (xtok[gguf]) is not installed")
+    from benchmarks.quality import real
+    from benchmarks.quality.real_data import RealCorpusConfig, build_split
+    from benchmarks.quality.tiny_gguf import tiny_llama, write_llama_gguf
+    from xtok.tokens import load_tokenizer, mistral_common_data_dir
+
+    monkeypatch.setenv("XTOK_CACHE_DIR", str(tmp_path / "xtok-cache"))
+    mc = mistral_common_data_dir()
+    models, files = {}, {}
+    for name, vocab, spm, seed in (("smollm2", 32000, "tokenizer.model.v1", 1),
+                                   ("gemma3", 32768, "mistral_instruct_tokenizer_240323.model.v3", 2)):
+        models[name] = tiny_llama(vocab, seed=seed, logit_scale=3.0)
+        (tmp_path / name).mkdir()
+        files[name] = write_llama_gguf(models[name], tmp_path / name / f"{name}.gguf", str(mc / spm))
+    txt = tmp_path / "text.txt"
+    txt.write_text(shakespeare_text[:8000])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 2} more. How many?",
+                                      "answer": f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}"})
+                          + "\n" for i in range(10)))
+    docs = tmp_path / "docs"
+    argv = ["--preset", "real-smoke", "--teacher", f"smollm2={files['smollm2']}", "--teacher",
+            f"gemma3={files['gemma3']}", "--student-tokenizer", "mistral-common:tekken_240911.json",
+            "--shakespeare", str(txt), "--gsm8k", str(qa), "--cache", str(tmp_path / "cache"),
+            "--docs-dir", str(docs), "--workers", "1", "--threads", "1"]
+    rep = real.main(argv)
+    assert set(rep["methods"]) == set(real.METHODS)
+    for m, r in rep["methods"].items():
+        assert not r.get("errors"), (m, r.get("errors"))
+        assert len(r["runs"]) == 1 and math.isfinite(r["runs"][0]["bpb"]) and r["runs"][0]["bpb"] > 0, m
+    assert json.loads((docs / "results.json").read_text())["methods"]["xtok_two"]["runs"][0]["bpb"] == \
+        rep["methods"]["xtok_two"]["runs"][0]["bpb"]
+    md = (docs / "results.md").read_text()
+    assert "Targets of issue 11" in md and all(r["label"] in md for r in rep["methods"].values())
+    assert (docs / "results.png").stat().st_size > 1000
+    assert set(rep["targets"]) >= {"setup_upper_bound_beats_sft", "gap_closed", "xtok_beats_uld", "xtok_beats_gold",
+                                   "two_teachers_vs_best_single"}
+    # the teachers' own bpb (read from their stores) equals a float64 forward of the same weights
+    split = build_split(RealCorpusConfig(**rep["settings"]["corpus"]))
+    n_bytes = sum(len(t.encode()) for t in split.heldout)
+    for name, model in models.items():
+        tok = load_tokenizer(str(files[name]))
+        bits = 0.0
+        with torch.no_grad():
+            for t in split.heldout:
+                ids = torch.as_tensor(np.concatenate([[tok.bos_id], tok.encode(t)]))
+                lp = model(input_ids=ids[None]).logits[0, :-1].double().log_softmax(-1)
+                bits -= float(lp.gather(-1, ids[1:, None]).sum()) / math.log(2)
+        assert rep["teachers"][name]["bpb"] == pytest.approx(bits / n_bytes, rel=2e-3)
+    # the stores were made by this run (the cache folder was empty), through `xtok extract`
+    assert all(t["extract"]["cached"] is False and t["extract"]["extract_seconds"] > 0
+               for t in rep["teachers"].values())

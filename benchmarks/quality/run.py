@@ -1,8 +1,14 @@
-"""End-to-end cross-tokenizer distillation quality benchmark (issue 7).
+"""End-to-end cross-tokenizer distillation quality benchmark.
 
-    python benchmarks/quality/run.py --quick          # smoke run, <= ~5 min on 2 CPU cores
-    python benchmarks/quality/run.py                  # full run: 3 seeds, <= ~30 min on 2 CPU cores
+    python benchmarks/quality/run.py --preset real    # real pretrained teachers (issue 11): writes
+                                                      # docs/results.md, docs/results.json, docs/results.png
+    python benchmarks/quality/run.py --quick          # synthetic teacher (issue 7), smoke run
+    python benchmarks/quality/run.py                  # synthetic teacher (issue 7), 3 seeds
     python benchmarks/quality/run.py --seeds 0,1 --steps 200 --out runs/quality/mine.json
+
+`--preset real` / `real-smoke` are handled by benchmarks/quality/real.py (`--preset real --help`).
+The synthetic presets below (`full`, `quick`) write runs/quality/<preset>.json and, only when
+`--docs-dir` is given, results.md/.png there (docs/results.md belongs to the real preset).
 
 A teacher (tokenizer A, byte-level BPE "tekken") is trained on the train split and cached under
 ``.cache/xtok-quality/``. Students share one small Llama architecture and are trained with the same
@@ -182,8 +188,18 @@ def summarise(values: list[float]) -> dict:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset and known.preset.startswith("real"):
+        from benchmarks.quality import real
+        return real.main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short smoke configuration")
+    ap.add_argument("--preset", choices=["full", "quick", "real", "real-smoke"], default=None,
+                    help="real / real-smoke: real pretrained teachers (benchmarks/quality/real.py); "
+                         "full / quick: the synthetic teacher")
+    ap.add_argument("--quick", action="store_true", help="short smoke configuration (= --preset quick)")
     ap.add_argument("--seeds", default=None, help="a count N (seeds 0..N-1) or a comma list (\"0,\" = just seed 0; \"3,4\")")
     ap.add_argument("--steps", type=int, default=None, help="student training steps")
     ap.add_argument("--teacher-steps", type=int, default=None)
@@ -199,10 +215,12 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2,
                     help="student jobs run in this many processes (spawn), threads/workers torch threads each")
     ap.add_argument("--out", default=None, help="results JSON (default runs/quality/<preset>.json)")
-    ap.add_argument("--no-docs", action="store_true", help="do not write docs/results.md/.png")
-    ap.add_argument("--docs-dir", default=str(REPO / "docs"), help="where results.md/.png go")
+    ap.add_argument("--no-docs", action="store_true", help="do not write results.md/.png")
+    ap.add_argument("--docs-dir", default=None, help="where results.md/.png go (default: not written)")
     ap.add_argument("--log-every", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.preset == "quick":
+        args.quick = True
 
     preset = dict(PRESETS["quick" if args.quick else "full"])
     steps = args.steps or preset["steps"]
@@ -282,11 +300,11 @@ def main(argv=None):
         "wall_seconds": time.time() - t_start, "threads": args.threads, "workers": args.workers,
         "platform": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
                     f"{os.cpu_count()} cpus visible",
-        "command": " ".join(["python", "benchmarks/quality/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/quality/run.py", *argv]),
     }
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out} ({report['wall_seconds']:.0f}s)", flush=True)
-    if not args.no_docs:
+    if not args.no_docs and args.docs_dir:
         from benchmarks.quality.report import write_docs
         write_docs(report, Path(args.docs_dir))
     return report
