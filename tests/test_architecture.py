@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("xtok", "projection_tools", "benchmarks", "examples", "tests")
 # xtok's packages in data-flow order: each may import only those before it (docs/architecture.md)
-ORDER = ["tokens", "chat", "rows", "alignment", "projection", "store", "extract", "collate", "losses", "onpolicy",
-         "trainer", "testing", "cli"]
+ORDER = ["tokens", "chat", "rows", "alignment", "projection", "store", "extract", "collate", "losses", "evaluation",
+         "onpolicy", "trainer", "testing", "cli"]
 
 
 def _files(*dirs):

@@ -913,3 +913,33 @@ def test_out_of_range_ids_are_clear_errors(fused):
     with pytest.raises(ValueError, match=rf"ChunkLikelihoodLoss: input id {V + 1} at example 0, position {s0} "
                                          r"\(inside a teacher chunk\) is outside"):
         ChunkLikelihoodLoss()(student, tb0, ids)
+
+
+def test_bits_per_byte_equals_a_direct_sum():
+    """xtok.evaluation.bits_per_byte = sum of -log2 softmax(logits)[next token] over every token after the
+    first of each sequence, / bytes, computed one sequence at a time without padding (an independent loop);
+    the batch order and padding do not change it; vocab_size limits the softmax."""
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xtok.evaluation import bits_per_byte
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)).eval()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 40, int(rng.integers(2, 12))) for _ in range(7)]
+    ref = 0.0
+    with torch.no_grad():
+        for s in seqs:
+            lp = m(input_ids=torch.as_tensor(s)[None]).logits[0, :-1].double().log_softmax(-1)
+            ref -= float(lp[torch.arange(len(s) - 1), torch.as_tensor(s[1:])].sum()) / math.log(2)
+    for bs, srt in ((1, False), (3, True), (7, False)):
+        assert abs(bits_per_byte(m, seqs, 100, batch_size=bs, sort_by_length=srt) - ref / 100) < 1e-4
+    with torch.no_grad():
+        ref40 = 0.0
+        for s in seqs:
+            lp = m(input_ids=torch.as_tensor(s)[None]).logits[0, :-1, :40].double().log_softmax(-1)
+            ref40 -= float(lp[torch.arange(len(s) - 1), torch.as_tensor(s[1:])].sum()) / math.log(2)
+    assert abs(bits_per_byte(m, seqs, 100, vocab_size=40) - ref40 / 100) < 1e-4

@@ -178,7 +178,7 @@ def test_gold_terms_match_slow_reference():
 
 
 def test_gold_chunks_sum_the_chunks_own_tokens(spm_tok, tekken_tok):
-    from xtok.align import align
+    from xtok.alignment import align
 
     text = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day, Citizen!\n#### 18"
     multi = set()

@@ -43,7 +43,7 @@ def load_corpus_text() -> tuple[str, str]:
     return "python-stdlib", "\n\n".join(inspect.getsource(m) for m in mods)
 
 
-def _cut_lines(text: str, n_pieces: int) -> list[str]:
+def cut_lines(text: str, n_pieces: int) -> list[str]:
     """Cut ``text`` on line boundaries into ``n_pieces`` contiguous pieces of about equal size."""
     lines = text.splitlines(keepends=True)
     total = sum(len(l) for l in lines)
@@ -58,7 +58,7 @@ def _cut_lines(text: str, n_pieces: int) -> list[str]:
     return pieces
 
 
-def _examples(block: str, example_bytes: int) -> list[str]:
+def split_examples(block: str, example_bytes: int) -> list[str]:
     out, cur, n = [], [], 0
     for line in block.splitlines(keepends=True):
         cur.append(line)
@@ -78,10 +78,10 @@ class Split:
 
 
 def split_corpus(text: str, n_blocks: int = 40, heldout_every: int = 10, example_bytes: int = 256) -> Split:
-    blocks = _cut_lines(text, n_blocks)
+    blocks = cut_lines(text, n_blocks)
     train, held = [], []
     for i, b in enumerate(blocks):
-        (held if (i + 1) % heldout_every == 0 else train).extend(_examples(b, example_bytes))
+        (held if (i + 1) % heldout_every == 0 else train).extend(split_examples(b, example_bytes))
     return Split(train, held)
 
 
@@ -160,7 +160,7 @@ def build_corpus(max_bytes: int | None = None, tokenizer_a: str = TOKENIZER_A,
 
     name, text = load_corpus_text()
     if max_bytes is not None and len(text) > max_bytes:
-        text = "".join(_cut_lines(text, max(1, round(len(text) / max_bytes)))[0])
+        text = "".join(cut_lines(text, max(1, round(len(text) / max_bytes)))[0])
     split = split_corpus(text)
     A = tokenize_side("A", load_tokenizer(tokenizer_a), split)
     B = tokenize_side("B", load_tokenizer(tokenizer_b), split)

@@ -8,7 +8,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 LN2 = math.log(2.0)
 
@@ -65,20 +64,11 @@ def sft_loss(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> 
     return nll[m].mean()
 
 
-@torch.no_grad()
 def heldout_bits(model, seqs: list[np.ndarray], batch_size: int = 16) -> float:
-    """Total -log2 p of every held-out token (all tokens after the BOS), summed over examples."""
-    model.eval()
-    total = 0.0
-    order = np.argsort([len(s) for s in seqs])
-    for i in range(0, len(seqs), batch_size):
-        batch = [seqs[j] for j in order[i:i + batch_size]]
-        ids, lengths = pad(batch)
-        lp = logits_of(model, ids)[:, :-1].float().log_softmax(-1)
-        nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
-        total += float(nll[target_mask(lengths, ids.shape[1])].double().sum()) / LN2
-    model.train()
-    return total
+    """Total -log2 p of every held-out token (all tokens after the BOS): `xtok.evaluation.heldout_bits`."""
+    from xtok.evaluation import heldout_bits as _bits
+
+    return _bits(model, seqs, batch_size)
 
 
 def bits_per_byte(model, seqs: list[np.ndarray], n_bytes: int, batch_size: int = 16) -> float:
@@ -121,10 +111,9 @@ def train(model, objective: Objective, n_examples: int, cfg: TrainConfig, seed: 
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
     def lr_at(step):
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        from xtok.evaluation import warmup_cosine
+
+        return warmup_cosine(step, cfg.steps, cfg.warmup, floor=0.1)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ASSETS, TokenizedSide, _cut_lines, _examples, tokenize_side
+from .data import ASSETS, TokenizedSide, cut_lines, split_examples, tokenize_side
 
 SHAKESPEARE = ASSETS / "corpora" / "tinyshakespeare.txt"
 GSM8K = ASSETS / "corpora" / "gsm8k_test.jsonl"
@@ -63,8 +63,8 @@ def build_split(cfg: RealCorpusConfig) -> RealSplit:
                     break
                 keep.append(line)
             text = "".join(keep)
-        for i, block in enumerate(_cut_lines(text, cfg.shakespeare_blocks)):
-            ex = _examples(block, cfg.example_bytes)
+        for i, block in enumerate(cut_lines(text, cfg.shakespeare_blocks)):
+            ex = split_examples(block, cfg.example_bytes)
             if (i + 1) % cfg.heldout_every == 0:
                 held += ex; hsrc += ["shakespeare"] * len(ex)
             else:

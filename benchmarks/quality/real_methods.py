@@ -11,7 +11,7 @@ method gets the same teacher information.
 - ``gold``: GOLD-style hybrid (TRL's GOLDTrainer documentation: "aligns the textual spans produced by
   both tokenizers and merges the associated logits"; "uld_use_hybrid_loss ... compares exact vocabulary
   matches directly and falls back to the original sorted-probability ULD loss for unmatched tokens").
-  Spans: the chunks of ``xtok.align`` (the finest groups of tokens with the same text on both sides).
+  Spans: the chunks of ``xtok.alignment.align`` (the finest groups of tokens with the same text on both sides).
   Per chunk, each side's distribution at the chunk's first token, merged with the log-prob of the
   rest of the chunk's realised tokens (teacher: the stored log-probs; student: its own), i.e.
   ``P(x) = p_t(x) * prod p_t(rest)``, ``Q(y) = q(y) * prod q(rest)``. Vocabulary: a teacher token and
@@ -226,7 +226,7 @@ def vocab_match(teacher_tok, student_side) -> tuple[np.ndarray, np.ndarray]:
 def gold_chunks(teacher_tok, student_tok, t_ids: np.ndarray, s_ids: np.ndarray, target_lp: np.ndarray):
     """Per aligned chunk: (teacher position, student output position, c_t, student continuation
     positions). ``t_ids`` / ``s_ids`` include BOS at 0; chunks start after it."""
-    from xtok.align import align
+    from xtok.alignment import align
 
     al = align(teacher_tok, student_tok, t_ids, s_ids)
     ch = np.asarray(al.chunks, dtype=np.int64)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import click
+
+from xtok.evaluation import pad_right
 
 STUDENT_DIM, STUDENT_LAYERS = 128, 4  # a dim-64 / 2-layer student is too small to use the teacher's signal
 TEACHER_TOK = "mistral-common:tekken_240911.json"
@@ -95,25 +96,10 @@ def _tiny_llama(vocab: int, dim: int, layers: int, seed: int):
 
 
 def _lr(step: int, total: int, peak: float) -> float:
-    warm = max(1, total // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    """The demo's schedule: warmup over the first tenth of the steps, cosine to 0."""
+    from xtok.evaluation import warmup_cosine
 
-
-def _pad(seqs, pad_id: int):
-    """input_ids / attention_mask / labels (-100 on padding) for token id sequences."""
-    import numpy as np
-    import torch
-
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, np.int64)
-    att = np.zeros((len(seqs), T), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        att[i, : len(s)] = 1
-    ids, att = torch.from_numpy(ids), torch.from_numpy(att)
-    return {"input_ids": ids, "attention_mask": att, "labels": torch.where(att.bool(), ids, -100)}
+    return peak * warmup_cosine(step, total, max(1, total // 10))
 
 
 def _fused(model, batch):
@@ -181,7 +167,7 @@ def train_teacher(out: Path, seqs: list, support, steps: int, batch_size: int, s
     for step in bar:
         if (step + 1) * batch_size > len(order):
             order = np.concatenate([order, rng.permutation(len(seqs))])
-        b = _pad([seqs[i] for i in order[step * batch_size: (step + 1) * batch_size]], 0)
+        b = pad_right([seqs[i] for i in order[step * batch_size: (step + 1) * batch_size]], 0)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, 3e-3)
         loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
@@ -210,19 +196,10 @@ def train_teacher(out: Path, seqs: list, support, steps: int, batch_size: int, s
 
 
 def heldout_bpb(model, seqs, n_bytes: int, batch_size: int = 4) -> float:
-    """Held-out bits per byte from the model's own forward (full-vocabulary log-softmax): the sum of
-    -log2 p of every token after the first of each id sequence, over n_bytes."""
-    import torch
+    """Held-out bits per byte (`xtok.evaluation.bits_per_byte`, in the given order)."""
+    from xtok.evaluation import bits_per_byte
 
-    model.eval()
-    nats = 0.0
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            b = _pad(seqs[i:i + batch_size], 0)
-            lp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            lp = lp.log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
-            nats -= float(lp[b["attention_mask"][:, 1:].bool()].double().sum())
-    return nats / math.log(2) / n_bytes
+    return bits_per_byte(model, seqs, n_bytes, batch_size, sort_by_length=False)
 
 
 def train_student(collator, rows: list[dict], loss_fn, steps: int, batch_size: int, seed: int, desc: str,
