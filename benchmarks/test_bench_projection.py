@@ -71,7 +71,7 @@ def naive_student_dict(S) -> dict:
     sb = S.token_bytes
 
     def byte_piece(i):
-        return bool(BYTE_PIECE.match(S._backend.id_to_text(i) or ""))
+        return bool(BYTE_PIECE.match(S.backend.id_to_text(i) or ""))
 
     d = {}
     for i in range(S.vocab_size):

@@ -68,7 +68,7 @@ def test_parse_special_false_encodes_special_strings_as_text(name):
     assert got == (b" " if tok.prefix_space else b"") + text.encode()
     parsed = tok.encode(text)  # default: parsed, also after the literal encode
     assert tok.special_tokens[specials[0]] in parsed.tolist()
-    assert not tok._backend.tok.encode_special_tokens  # the shared tokenizer was not switched
+    assert not tok.backend.tok.encode_special_tokens  # the shared tokenizer was not switched
     if (asset(f"tokenizers/{name}") / "tokenizer.model").exists():  # sentencepiece never parses control text
         import sentencepiece as spm
 
@@ -82,7 +82,7 @@ def test_parse_special_false_encodes_special_strings_as_text(name):
     assert all(o == (parsed.tolist() if k % 2 else lit.tolist()) for k, o in enumerate(outs))
     if name == "gpt2":  # (small: pickling re-serialises the whole tokenizer)
         t2 = pickle.loads(pickle.dumps(tok))
-        assert tok._backend._literal is not None and t2._backend._literal is None  # the copy is rebuilt
+        assert tok.backend._literal is not None and t2.backend._literal is None  # the copy is rebuilt
         assert t2.encode(text, parse_special=False).tolist() == lit.tolist()
         assert t2.encode(text).tolist() == parsed.tolist()
 

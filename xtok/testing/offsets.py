@@ -131,7 +131,7 @@ def library_encode(tok, text: str):
     text: its decode differs from it, or the spans leave a byte of it uncovered."""
     from ..tokens.backends import HFBackend, SentencePieceBackend, TekkenBackend
 
-    be = tok._backend
+    be = tok.backend
     if isinstance(be, HFBackend):
         ids, spans, dec = _hf_encode(be.tok, text)
     elif isinstance(be, SentencePieceBackend):

@@ -98,6 +98,13 @@ class Tokenizer:
         h.update(probe.tobytes())
         return h.hexdigest()
 
+    @property
+    def backend(self):
+        """The library-level backend (`tokens.backends`: HFBackend / SentencePieceBackend / TekkenBackend),
+        for tools that need the tokenizer library itself (e.g. the reference aligner built on its own
+        token offsets). Training code uses the Tokenizer's methods."""
+        return self._backend
+
     def __repr__(self):
         return f"Tokenizer({self.name!r}, kind={self.kind}, vocab={self.vocab_size})"
 
