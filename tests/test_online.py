@@ -81,7 +81,7 @@ def _as_dict(ids, probs):
     return {int(i): float(p) for i, p in zip(ids.tolist(), probs.tolist()) if p > 0}
 
 
-def assert_online_equals_offline(b_off, b_on, name_off, name_on):
+def assert_online_equals_offline(b_off, b_on, name_off, name_on, store=None, keys=None):
     a, b = b_off["teachers"][name_off], b_on["teachers"][name_on]
     for k in ("positions", "mask", "chunk_spans", "chunk_mask", "present"):
         assert torch.equal(a[k], b[k]), k
@@ -96,7 +96,20 @@ def assert_online_equals_offline(b_off, b_on, name_off, name_on):
         n += 1
     assert n == int(a["mask"].sum())
     m = a["mask"]
-    assert torch.allclose(a["tail_mass"][m], b["tail_mass"][m], atol=2e-4)
+    # tail = r (the exact mass outside the top-k, the same on both sides) + the top-k mass W maps nowhere
+    # (special tokens): that second part is quantised in the store, so it may differ by the grid's error
+    r = torch.zeros_like(a["tail_mass"])
+    from xtok.store import TeacherStore
+
+    st = TeacherStore(store)
+    for i, key in enumerate(keys):
+        ex = st[key]
+        row_of = {int(p): j for j, p in enumerate(ex.positions)}
+        tp = b["teacher_positions"][i]
+        for j in range(int(m[i].sum())):
+            r[i, j] = float(ex.tail_mass[row_of[int(tp[j])]])
+    unmapped = (b["tail_mass"] - r).clamp_min(0)
+    assert ((a["tail_mass"] - b["tail_mass"]).abs()[m] <= 2e-4 + 0.1 * unmapped[m]).all()
     cm = a["chunk_mask"]
     # the store keeps each token's log-prob as float16: rounding <= 2^-11 relative per token
     assert torch.allclose(a["chunk_teacher_logprob"][cm], b["chunk_teacher_logprob"][cm], rtol=2e-3, atol=2e-2)
@@ -112,7 +125,7 @@ def test_online_equals_offline_text_rows(setup):
     b_off, b_on = off(text_rows[:6]), on(text_rows[:6])
     assert b_on["teachers"]["t"]["online"] is True and "target_ids" not in b_on["teachers"]["t"]
     fill_online_targets(b_on, on.teachers, on.student)
-    assert_online_equals_offline(b_off, b_on, "t", "t")
+    assert_online_equals_offline(b_off, b_on, "t", "t", d / "text_store", [r["id"] for r in text_rows[:6]])
     assert b_on["stats"]["t"]["present"] == 6 and b_on["stats"]["t"]["targets"] == int(b_on["teachers"]["t"]["mask"].sum())
 
 
@@ -127,7 +140,7 @@ def test_online_equals_offline_chat_rows_other_templates(setup):
                                                           top_k=16, chat_template=TEACHER_TPL)], **kw)
     b_off, b_on = off(chat_rows), on(chat_rows)
     fill_online_targets(b_on, on.teachers, on.student)
-    assert_online_equals_offline(b_off, b_on, "t", "t")
+    assert_online_equals_offline(b_off, b_on, "t", "t", d / "chat_store", [r["id"] for r in chat_rows])
     # the teacher really read its own template: its ids decode to the teacher rendering
     t_ids = b_on["teachers"]["t"]["teacher_input_ids"][0][b_on["teachers"]["t"]["teacher_attention_mask"][0].bool()]
     assert "<|assistant|>" in load_tokenizer(TEKKEN).decode(t_ids.tolist())
