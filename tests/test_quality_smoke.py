@@ -258,6 +258,11 @@ def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, s
         rep["methods"]["xtok_two"]["runs"][0]["bpb"]
     md = (docs / "results.md").read_text()
     assert "Targets of issue 11" in md and all(r["label"] in md for r in rep["methods"].values())
+    # the sizing group (the same methods on every training example) is run and rendered beside the main group
+    assert rep["settings"]["train_every"] == 2 and rep["sizing"]["train_every"] == 1
+    assert rep["sizing"]["train_examples_used"] > rep["settings"]["train_examples_used"]
+    assert all(len(r["runs"]) == 1 for r in rep["sizing"]["methods"].values())
+    assert "## Sizing" in md and f"all {rep['sizing']['train_examples_used']:,} examples" in md
     assert (docs / "results.png").stat().st_size > 1000
     assert set(rep["targets"]) >= {"setup_upper_bound_beats_sft", "gap_closed", "xtok_beats_uld", "xtok_beats_gold",
                                    "two_teachers_vs_best_single"}

@@ -59,9 +59,10 @@ PRESETS = {
                  corpus=RealCorpusConfig(),
                  sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"])),
     # CI smoke: tiny teachers/corpus passed on the command line (tests/test_quality_smoke.py)
-    "real-smoke": dict(steps=2, seeds=[0], model=dict(dim=32, layers=1, heads=2, ffn=64),
+    "real-smoke": dict(steps=2, seeds=[0], train_every=2, model=dict(dim=32, layers=1, heads=2, ffn=64),
                        corpus=RealCorpusConfig(shakespeare_bytes=6000, shakespeare_blocks=4, gsm8k_problems=6,
-                                               heldout_every=2, example_bytes=512)),
+                                               heldout_every=2, example_bytes=512),
+                       sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"])),
 }
 
 
@@ -299,6 +300,7 @@ def make_objective(job: dict, st: dict):
     raise ValueError(m)
 
 
+CHECKPOINT_METHODS = ("xtok_kl",)   # students whose weights are kept (the on-policy experiment starts from them)
 RUN_VERSION = 1   # bump when make_objective / _run_job change what a student run computes
 
 
@@ -317,13 +319,20 @@ def code_hash() -> str:
 
 
 def run_key(job: dict) -> str:
-    keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache", "group")}
+    keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache", "group", "checkpoint")}
     return f"{job['method']}-s{job['seed']}-" + rp._sha(keep)
+
+
+def checkpoint_path(job: dict) -> Path | None:
+    """Where a student's final weights are kept (jobs with ``checkpoint``: the xtok KL students of the main
+    group, the starting points of the on-policy experiment, onpolicy.py)."""
+    return Path(job["run_cache"]) / f"{run_key(job)}.pt" if job.get("run_cache") and job.get("checkpoint") else None
 
 
 def run_job(job: dict) -> dict:
     cached = Path(job["run_cache"]) / f"{run_key(job)}.json" if job.get("run_cache") else None
-    if cached is not None and cached.exists():
+    ckpt = checkpoint_path(job)
+    if cached is not None and cached.exists() and (ckpt is None or ckpt.exists()):
         return dict(json.loads(cached.read_text()), cached=True, group=job["group"])
     r = _run_job(job)
     if cached is not None and "error" not in r:
@@ -357,6 +366,11 @@ def _run_job(job: dict) -> dict:
                 nb = sum(len(corpus.split.heldout[j].encode()) for j in sel)
                 by[s] = heldout_bits(model, [side.heldout[j] for j in sel]) / nb
         bits_all = heldout_bits(model, side.heldout)
+        ckpt = checkpoint_path(job)
+        if ckpt is not None:
+            tmp = ckpt.with_name(ckpt.name + f".tmp{os.getpid()}")
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(ckpt)
         return {"method": job["method"], "seed": job["seed"], "bpb": bits_all / corpus.heldout_bytes,
                 "bpb_by_source": by, "train_seconds": tr["train_seconds"], "eval_seconds": time.time() - t0,
                 "final_loss": tr["final_loss"]}
@@ -480,6 +494,7 @@ def main(argv=None) -> dict:
                      teacher_files={PRIMARY: teachers[PRIMARY]["path"]} if METHODS[m][1] == "S" else {},
                      model_cfg=asdict(ModelConfig(**mcfg)), train_cfg=asdict(tcfg), log_every=args.log_every,
                      state_key=state_key, code=code_hash(),
+                     **({"checkpoint": True} if group == "main" and m in CHECKPOINT_METHODS else {}),
                      run_cache=None if args.fresh_runs else str(cache / "runs"))
                 for s in seeds for m in ms]
 
