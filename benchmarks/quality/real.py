@@ -57,12 +57,19 @@ PRESETS = {
     # tells methods apart. The stores cover every example (`--train-every 1` reruns the full-data setting).
     "real": dict(steps=300, seeds=[0, 1, 2], train_every=4, model=dict(dim=128, layers=4, heads=4, ffn=384),
                  corpus=RealCorpusConfig(),
-                 sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"])),
+                 sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"]),
+                 # --onpolicy (issue 13, onpolicy.py): budget = the teacher tokens of 80 off-policy steps (~27 % of
+                 # the 300 training steps; ~110k SmolLM2 tokens per arm and seed, which the live teacher reads at
+                 # ~400 tokens/s on 2 cores: the 6 on-policy arms + evaluations take ~40 min)
+                 onpolicy=dict(offpolicy_steps=80, lams=[0.5, 1.0], max_new_tokens=64, prompt_fraction=0.5,
+                               eval_prompts=32, eval_new_tokens=64)),
     # CI smoke: tiny teachers/corpus passed on the command line (tests/test_quality_smoke.py)
     "real-smoke": dict(steps=2, seeds=[0], train_every=2, model=dict(dim=32, layers=1, heads=2, ffn=64),
                        corpus=RealCorpusConfig(shakespeare_bytes=6000, shakespeare_blocks=4, gsm8k_problems=6,
                                                heldout_every=2, example_bytes=512),
-                       sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"])),
+                       sizing=dict(train_every=1, methods=["sft", "xtok_kl", "sft_same_tok", "kd_same_tok"]),
+                       onpolicy=dict(offpolicy_steps=2, lams=[0.5, 1.0], max_new_tokens=8, prompt_fraction=0.5,
+                                     eval_prompts=4, eval_new_tokens=8)),
 }
 
 
@@ -109,6 +116,11 @@ def parse_args(argv):
                     help="train every student again (default: reuse a student trained by the same code with the "
                          "same settings, cached under <cache>/runs/)")
     ap.add_argument("--log-every", type=int, default=0)
+    ap.add_argument("--onpolicy", action="store_true",
+                    help="also run issue 13's experiment (onpolicy.py): continue the xtok_kl students with more "
+                         "off-policy steps vs on-policy steps at the same teacher-token budget")
+    ap.add_argument("--onpolicy-steps", type=int, default=None,
+                    help="the budget in off-policy steps (default: the preset's)")
     return ap.parse_args(argv)
 
 
@@ -368,6 +380,7 @@ def _run_job(job: dict) -> dict:
         bits_all = heldout_bits(model, side.heldout)
         ckpt = checkpoint_path(job)
         if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_name(ckpt.name + f".tmp{os.getpid()}")
             torch.save(model.state_dict(), tmp)
             tmp.replace(ckpt)
@@ -570,6 +583,17 @@ def main(argv=None) -> dict:
                             "train_examples_used": len(range(0, n_train, sizing["train_every"])),
                             "methods": res["sizing"]}
         report["sizing"]["targets"] = targets(report["sizing"])
+    if args.onpolicy:
+        from . import onpolicy
+
+        if "xtok_kl" not in methods:
+            raise SystemExit("--onpolicy continues the xtok_kl students: include xtok_kl in --methods")
+        ocfg = dict(pre["onpolicy"], top_k=args.top_k)
+        if args.onpolicy_steps:
+            ocfg["offpolicy_steps"] = args.onpolicy_steps
+        base = [j for j in jobs if j["group"] == "main" and j["method"] == "xtok_kl"]
+        report["onpolicy"] = onpolicy.run(args, base, ocfg, args.lr * 0.1, results["xtok_kl"])
+        report["wall_seconds"] = time.time() - t_start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"wrote {out} ({report['wall_seconds']:.0f}s)", flush=True)
