@@ -219,16 +219,12 @@ def test_real_split_is_deterministic_and_disjoint(tmp_path):
                if s == "shakespeare") <= 30000
 
 
-@pytest.mark.slow
-def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, shakespeare_text):
-    """`run.py --preset real-smoke`: the real preset's whole path (GGUF teachers through `xtok extract`,
-    `xtok build-projection`, every method, results.json/.md/.png) on two tiny random GGUF teachers written
-    here (CI has no teacher packages), a third tokenizer for the students, and a small corpus."""
+def _tiny_real_setup(tmp_path, monkeypatch, shakespeare_text):
+    """Two tiny random GGUF teachers (CI has no teacher packages), a small corpus and the real-smoke
+    command line. Returns (models, files, argv, docs dir)."""
     pytest.importorskip("gguf", reason="the gguf package (xtok[gguf]) is not installed")
-    from benchmarks.quality import real
-    from benchmarks.quality.real_data import RealCorpusConfig, build_split
     from benchmarks.quality.tiny_gguf import tiny_llama, write_llama_gguf
-    from xtok.tokens import load_tokenizer, mistral_common_data_dir
+    from xtok.tokens import mistral_common_data_dir
 
     monkeypatch.setenv("XTOK_CACHE_DIR", str(tmp_path / "xtok-cache"))
     mc = mistral_common_data_dir()
@@ -249,6 +245,19 @@ def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, s
             f"gemma3={files['gemma3']}", "--student-tokenizer", "mistral-common:tekken_240911.json",
             "--shakespeare", str(txt), "--gsm8k", str(qa), "--cache", str(tmp_path / "cache"),
             "--docs-dir", str(docs), "--workers", "1", "--threads", "1"]
+    return models, files, argv, docs
+
+
+@pytest.mark.slow
+def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, shakespeare_text):
+    """`run.py --preset real-smoke`: the real preset's whole path (GGUF teachers through `xtok extract`,
+    `xtok build-projection`, every method, results.json/.md/.png) on two tiny random GGUF teachers written
+    here (CI has no teacher packages), a third tokenizer for the students, and a small corpus."""
+    from benchmarks.quality import real
+    from benchmarks.quality.real_data import RealCorpusConfig, build_split
+    from xtok.tokens import load_tokenizer
+
+    models, files, argv, docs = _tiny_real_setup(tmp_path, monkeypatch, shakespeare_text)
     rep = real.main(argv)
     assert set(rep["methods"]) == set(real.METHODS)
     for m, r in rep["methods"].items():
@@ -258,6 +267,11 @@ def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, s
         rep["methods"]["xtok_two"]["runs"][0]["bpb"]
     md = (docs / "results.md").read_text()
     assert "Targets of issue 11" in md and all(r["label"] in md for r in rep["methods"].values())
+    # the sizing group (the same methods on every training example) is run and rendered beside the main group
+    assert rep["settings"]["train_every"] == 2 and rep["sizing"]["train_every"] == 1
+    assert rep["sizing"]["train_examples_used"] > rep["settings"]["train_examples_used"]
+    assert all(len(r["runs"]) == 1 for r in rep["sizing"]["methods"].values())
+    assert "## Sizing" in md and f"all {rep['sizing']['train_examples_used']:,} examples" in md
     assert (docs / "results.png").stat().st_size > 1000
     assert set(rep["targets"]) >= {"setup_upper_bound_beats_sft", "gap_closed", "xtok_beats_uld", "xtok_beats_gold",
                                    "two_teachers_vs_best_single"}
@@ -276,3 +290,61 @@ def test_real_preset_end_to_end_with_tiny_gguf_teachers(tmp_path, monkeypatch, s
     # the stores were made by this run (the cache folder was empty), through `xtok extract`
     assert all(t["extract"]["cached"] is False and t["extract"]["extract_seconds"] > 0
                for t in rep["teachers"].values())
+
+
+@pytest.mark.slow
+def test_real_preset_onpolicy_with_tiny_gguf_teachers(tmp_path, monkeypatch, shakespeare_text):
+    """`run.py --preset real-smoke --methods xtok_kl --onpolicy` (issue 13): the xtok KL student's saved weights,
+    continued by more off-policy steps and by on-policy steps (lam 0.5 and 1) with the live GGUF teacher at the
+    same teacher-token budget, evaluated (held-out bpb, the teacher's bpb on the student's samples) and
+    rendered; a second run reuses every cached arm."""
+    from benchmarks.quality import onpolicy, real
+    from xtok.extract import load_teacher
+    from xtok.tokens import load_tokenizer
+
+    models, files, argv, docs = _tiny_real_setup(tmp_path, monkeypatch, shakespeare_text)
+    rep = real.main(argv + ["--methods", "xtok_kl", "--onpolicy", "--no-sizing"])
+    op = rep["onpolicy"]
+    cfg = real.PRESETS["real-smoke"]["onpolicy"]
+    assert set(op["arms"]) == {"start", "offpolicy", "lam=0.5", "lam=1"}
+    A = {arm: a["runs"][0] for arm, a in op["arms"].items()}
+    assert all(not a["errors"] and len(a["runs"]) == 1 for a in op["arms"].values()), op["arms"]
+    # the starting point is the main run's student (weights saved and re-loaded)
+    assert A["start"]["heldout_bpb"] == pytest.approx(rep["methods"]["xtok_kl"]["runs"][0]["bpb"], rel=1e-6)
+    # the budget: off-policy takes exactly N steps and spends B; on-policy arms spend at least B, at most one step over
+    B = A["offpolicy"]["budget"]
+    assert B > 0 and A["offpolicy"]["steps"] == cfg["offpolicy_steps"] and A["offpolicy"]["teacher_tokens"] == B
+    assert A["offpolicy"]["onpolicy_steps"] == 0
+    assert A["lam=1"]["onpolicy_steps"] == A["lam=1"]["steps"] >= 1 and A["lam=1"]["generated_tokens"] > 0
+    for arm in ("lam=0.5", "lam=1"):
+        a = A[arm]
+        assert a["budget"] == B and a["teacher_tokens"] >= B
+        assert a["teacher_tokens"] - B < a["teacher_tokens"] / max(a["steps"] - 1, 1) + 1e-9 or a["steps"] == 1
+    for arm in ("offpolicy", "lam=0.5", "lam=1"):        # every arm trained: the student changed
+        assert A[arm]["heldout_bpb"] != A["start"]["heldout_bpb"]
+    for a in A.values():
+        assert math.isfinite(a["teacher_bpb_sampled"]) and a["teacher_bpb_sampled"] > 0
+        assert math.isfinite(a["teacher_bpb_greedy"]) and a["teacher_bpb_greedy"] > 0
+    md = (docs / "results.md").read_text()
+    assert "On-policy vs more off-policy steps (issue 13)" in md and "(c) on-policy, lam = 1" in md
+    assert json.loads((docs / "results.json").read_text())["onpolicy"]["arms"]["lam=1"]["runs"][0]["heldout_bpb"] == \
+        A["lam=1"]["heldout_bpb"]
+    # teacher_bits: with no prefix every token after BOS counts and equals a plain forward of the same weights;
+    # after a prefix it is the same forward's bits of the tokens past the prefix
+    teacher, _, _ = load_teacher(str(files["smollm2"]), dtype="float32", device="cpu")
+    tok = load_tokenizer(str(files["smollm2"]))
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    bits, nbytes = onpolicy.teacher_bits(teacher, tok, b"", text.encode())
+    ids = torch.as_tensor(np.concatenate([[tok.bos_id], tok.encode(text)]))
+    with torch.no_grad():
+        lp = models["smollm2"](input_ids=ids[None]).logits[0, :-1].double().log_softmax(-1)
+    tok_bits = -lp.gather(-1, ids[1:, None])[:, 0].numpy() / math.log(2)
+    assert nbytes == len(text.encode()) and bits == pytest.approx(tok_bits.sum(), rel=1e-4)
+    _, spans = tok.encode_with_offsets(text)
+    cut = int(spans[5, 0])                     # a token boundary: tokens 5.. are the continuation
+    b2, n2 = onpolicy.teacher_bits(teacher, tok, text.encode()[:cut], text.encode()[cut:])
+    assert n2 == len(text.encode()) - cut and b2 == pytest.approx(tok_bits[5:].sum(), rel=1e-4)
+    # a second run reuses the cached students and arms
+    rep2 = real.main(argv + ["--methods", "xtok_kl", "--onpolicy", "--no-sizing"])
+    assert all(r.get("cached") for a in rep2["onpolicy"]["arms"].values() for r in a["runs"])
+    assert rep2["onpolicy"]["arms"]["lam=0.5"]["heldout_bpb"] == op["arms"]["lam=0.5"]["heldout_bpb"]
