@@ -81,10 +81,10 @@ def make_jobs(base_jobs: list[dict], cfg: dict, lr: float) -> list[dict]:
 
 
 def job_key(job: dict) -> str:
-    from .real_prepare import _sha
+    from .real_prepare import content_key
 
     keep = {k: v for k, v in job.items() if k not in ("base",)}
-    return f"onpolicy-{job['arm']}-s{job['seed']}-" + _sha(keep)
+    return f"onpolicy-{job['arm']}-s{job['seed']}-" + content_key(keep)
 
 
 # ------------------------------------------------------------------------------------ per process
@@ -218,11 +218,11 @@ def _run_job(job: dict) -> dict:
     from xtok.onpolicy import Prompt, generate, on_policy_batch, split_prompt
     from xtok.tokens import load_tokenizer
 
-    from .real import _state, make_objective
+    from .real import student_state, make_objective
 
     t0 = time.time()
     base, cfg, seed, lam = job["base"], job["cfg"], job["seed"], job["lam"]
-    st = _state(base)
+    st = student_state(base)
     corpus = st["corpus"]
     side = corpus.sides["B"]
     T = base["teachers"][PRIMARY]
@@ -320,7 +320,7 @@ def _run_job(job: dict) -> dict:
 # --------------------------------------------------------------------------------------- driver
 def run(args, base_jobs: list[dict], cfg: dict, lr: float, main_runs: dict) -> dict:
     """All arms of all seeds (workers in parallel); returns the report's "onpolicy" section."""
-    from .real import _worker_init, summarise
+    from .real import worker_init, summarise
 
     t0 = time.time()
     jobs = make_jobs(base_jobs, cfg, lr)
@@ -339,7 +339,7 @@ def run(args, base_jobs: list[dict], cfg: dict, lr: float, main_runs: dict) -> d
     if args.workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(args.workers, initializer=_worker_init,
+        with mp.get_context("spawn").Pool(args.workers, initializer=worker_init,
                                           initargs=(max(1, args.threads // args.workers),)) as pool:
             for r in pool.imap_unordered(run_job, jobs):
                 collect(r)

@@ -247,11 +247,11 @@ def diagnostics(prep: dict, methods: list[str]) -> dict:
 _W: dict = {}
 
 
-def _worker_init(threads: int):
+def worker_init(threads: int):
     torch.set_num_threads(threads)
 
 
-def _state(job: dict) -> dict:
+def student_state(job: dict) -> dict:
     """Per-process state (corpus sides, store readers, collators), rebuilt once per worker."""
     key = job["state_key"]
     if _W.get("key") != key:
@@ -332,7 +332,7 @@ def code_hash() -> str:
 
 def run_key(job: dict) -> str:
     keep = {k: v for k, v in job.items() if k not in ("log_every", "state_key", "run_cache", "group", "checkpoint")}
-    return f"{job['method']}-s{job['seed']}-" + rp._sha(keep)
+    return f"{job['method']}-s{job['seed']}-" + rp.content_key(keep)
 
 
 def checkpoint_path(job: dict) -> Path | None:
@@ -357,7 +357,7 @@ def run_job(job: dict) -> dict:
 
 def _run_job(job: dict) -> dict:
     try:
-        st = _state(job)
+        st = student_state(job)
         objective, side = make_objective(job, st)
         corpus = st["corpus"]
         model = make_model(side.vocab, ModelConfig(**job["model_cfg"]), job["seed"])
@@ -507,7 +507,7 @@ def main(argv=None) -> dict:
 
     teachers = {n: t for n, t in prep["teachers"].items() if "store" in t}
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=max(10, steps // 10))
-    state_key = rp._sha(asdict(cfg), args.student_tokenizer)
+    state_key = rp.content_key(asdict(cfg), args.student_tokenizer)
     two_w = {PRIMARY: 0.5, SECOND: 0.5}
     train_every = args.train_every or pre.get("train_every", 1)
     sizing = None if args.no_sizing or args.train_every else pre.get("sizing")
@@ -551,7 +551,7 @@ def main(argv=None) -> dict:
     if args.workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(args.workers, initializer=_worker_init,
+        with mp.get_context("spawn").Pool(args.workers, initializer=worker_init,
                                           initargs=(max(1, args.threads // args.workers),)) as pool:
             for r in pool.imap_unordered(run_job, jobs):
                 collect(r)

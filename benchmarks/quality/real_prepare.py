@@ -35,7 +35,7 @@ TEACHER_LABELS = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF)", "gemma3": "Gem
 ENV = {"smollm2": "XTOK_REAL_SMOLLM2", "gemma3": "XTOK_REAL_GEMMA3"}
 
 
-def _sha(*parts) -> str:
+def content_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -109,7 +109,7 @@ def dataset_file(corpus, cache: Path) -> Path:
 
 def extract_store(name: str, model: str, data: Path, corpus, cache: Path, top_k: int, threads: int) -> tuple[Path, dict]:
     opts = {"top_k": top_k, "targets": "all", "add_bos": "default", "dtype": "float32", "device": "cpu"}
-    key = _sha(corpus.fingerprint(), file_sha256(model, cache), opts)
+    key = content_key(corpus.fingerprint(), file_sha256(model, cache), opts)
     store = cache / f"store-{name}-{key}"
     made = cache / f"{store.name}.made.json"          # how long the extraction took when it ran
     info = {"path": str(store), "model": model, "options": opts, "cached": (store / "manifest.json").exists()}
@@ -127,7 +127,7 @@ def extract_store(name: str, model: str, data: Path, corpus, cache: Path, top_k:
 
 def build_projection(name: str, teacher_tok, student_tok, teacher_spec: str, student_spec: str, cache: Path,
                      threads: int) -> Path:
-    W = cache / f"W-{name}-{_sha(teacher_tok.content_hash, student_tok.content_hash)}.safetensors"
+    W = cache / f"W-{name}-{content_key(teacher_tok.content_hash, student_tok.content_hash)}.safetensors"
     if not W.exists():
         xtok_cli(["build-projection", "-t", teacher_spec, "-s", student_spec, "-o", str(W), "-q"], threads)
     return W
