@@ -267,6 +267,9 @@ better), mean ± sample std over seeds {report['seeds']}; the last columns split
 
 {chr(10).join(lines)}
 
+Why each target is met or missed, and what was tried: [results-analysis.md](results-analysis.md) (written by hand
+from these figures).
+
 ## Other comparisons
 
 {chr(10).join(extra)}
