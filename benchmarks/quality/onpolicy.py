@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import traceback
 from pathlib import Path
@@ -206,10 +205,9 @@ def run_job(job: dict) -> dict:
         traceback.print_exc()
         r = {"arm": job["arm"], "seed": job["seed"], "error": f"{type(e).__name__}: {e}"}
     if cached is not None and "error" not in r:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(r))
-        tmp.replace(cached)
+        from .real import write_atomic
+
+        write_atomic(cached, lambda tmp: tmp.write_text(json.dumps(r)))
     return dict(r, cached=False)
 
 
@@ -320,7 +318,7 @@ def _run_job(job: dict) -> dict:
 # --------------------------------------------------------------------------------------- driver
 def run(args, base_jobs: list[dict], cfg: dict, lr: float, main_runs: dict) -> dict:
     """All arms of all seeds (workers in parallel); returns the report's "onpolicy" section."""
-    from .real import worker_init, summarise
+    from .real import run_jobs, summarise
 
     t0 = time.time()
     jobs = make_jobs(base_jobs, cfg, lr)
@@ -336,16 +334,7 @@ def run(args, base_jobs: list[dict], cfg: dict, lr: float, main_runs: dict) -> d
                   f"{', cached' if r.get('cached') else ''} ({time.time() - t0:.0f}s)", flush=True)
         runs.setdefault(r["arm"], []).append(r)
 
-    if args.workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(args.workers, initializer=worker_init,
-                                          initargs=(max(1, args.threads // args.workers),)) as pool:
-            for r in pool.imap_unordered(run_job, jobs):
-                collect(r)
-    else:
-        for j in jobs:
-            collect(run_job(j))
+    run_jobs(run_job, jobs, args.workers, args.threads, collect)
     out = {"settings": dict(cfg, lr=lr), "arms": {}, "wall_seconds": time.time() - t0,
            "budget_rule": "off-policy step: the SmolLM2 tokens of its batch's examples as `xtok extract` ran them "
                           "(BOS included); on-policy step: the live SmolLM2's forward tokens over prompt + completion; "

@@ -251,6 +251,31 @@ def worker_init(threads: int):
     torch.set_num_threads(threads)
 
 
+def run_jobs(fn, jobs: list[dict], workers: int, threads: int, collect) -> None:
+    """``collect(fn(job))`` for every job: over ``workers`` spawned processes sharing ``threads`` torch
+    threads (results in completion order), or in this process when one worker (or one job) is asked for.
+    ``fn`` must be a module-level function (it is pickled by reference)."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, initializer=worker_init,
+                                          initargs=(max(1, threads // workers),)) as pool:
+            for r in pool.imap_unordered(fn, jobs):
+                collect(r)
+    else:
+        for j in jobs:
+            collect(fn(j))
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it into place: a crash leaves the old
+    file or none, never a partial one (run caches and checkpoints are read back by later runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    tmp.replace(path)
+
+
 def student_state(job: dict) -> dict:
     """Per-process state (corpus sides, store readers, collators), rebuilt once per worker."""
     key = job["state_key"]
@@ -348,10 +373,7 @@ def run_job(job: dict) -> dict:
         return dict(json.loads(cached.read_text()), cached=True, group=job["group"])
     r = _run_job(job)
     if cached is not None and "error" not in r:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(r))
-        tmp.replace(cached)
+        write_atomic(cached, lambda tmp: tmp.write_text(json.dumps(r)))
     return dict(r, cached=False, group=job["group"])
 
 
@@ -380,10 +402,7 @@ def _run_job(job: dict) -> dict:
         bits_all = heldout_bits(model, side.heldout)
         ckpt = checkpoint_path(job)
         if ckpt is not None:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_name(ckpt.name + f".tmp{os.getpid()}")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(ckpt)
+            write_atomic(ckpt, lambda tmp: torch.save(model.state_dict(), tmp))
         return {"method": job["method"], "seed": job["seed"], "bpb": bits_all / corpus.heldout_bytes,
                 "bpb_by_source": by, "train_seconds": tr["train_seconds"], "eval_seconds": time.time() - t0,
                 "final_loss": tr["final_loss"]}
@@ -548,16 +567,7 @@ def main(argv=None) -> dict:
         log(r)
         res[r.pop("group")][r.pop("method")]["runs"].append(r)
 
-    if args.workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(args.workers, initializer=worker_init,
-                                          initargs=(max(1, args.threads // args.workers),)) as pool:
-            for r in pool.imap_unordered(run_job, jobs):
-                collect(r)
-    else:
-        for j in jobs:
-            collect(run_job(j))
+    run_jobs(run_job, jobs, args.workers, args.threads, collect)
     for g, ms in groups.items():
         for m in ms:
             rr = res[g][m]
