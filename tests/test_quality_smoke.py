@@ -348,3 +348,15 @@ def test_real_preset_onpolicy_with_tiny_gguf_teachers(tmp_path, monkeypatch, sha
     rep2 = real.main(argv + ["--methods", "xtok_kl", "--onpolicy", "--no-sizing"])
     assert all(r.get("cached") for a in rep2["onpolicy"]["arms"].values() for r in a["runs"])
     assert rep2["onpolicy"]["arms"]["lam=0.5"]["heldout_bpb"] == op["arms"]["lam=0.5"]["heldout_bpb"]
+
+
+def test_real_preset_names_a_missing_teacher_file(tmp_path):
+    """A --teacher path that does not exist stops the run before anything is built, naming the option
+    and the fix; nothing is written."""
+    from benchmarks.quality import real
+
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match=r"--teacher smollm2=.*missing\.gguf: no such file"):
+        real.main(["--preset", "real-smoke", "--teacher", f"smollm2={tmp_path / 'missing.gguf'}", "--methods", "sft",
+                   "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-docs"])
+    assert not out.exists()

@@ -135,6 +135,9 @@ def prepare(args, cfg: RealCorpusConfig, methods: list[str], cache: Path) -> dic
     for name in (PRIMARY, SECOND):
         if name in given:
             path, how = given[name], "--teacher"
+            if not Path(path).exists():
+                raise SystemExit(f"--teacher {name}={path}: no such file; pass the teacher's .gguf file (or a "
+                                 f"folder holding one), or leave --teacher out to use the installed package")
         else:
             path, how = rp.find_teacher(name)
         if path is None and name in need:
